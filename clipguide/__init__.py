@@ -1,0 +1,1 @@
+"""clipguide: turn CLIP similarity into losses and gradients that steer image generators."""

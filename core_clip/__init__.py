@@ -1,0 +1,13 @@
+"""core_clip: train and serve CLIP dual encoders (architectures, tokenizers and pretrained weights from open_clip)."""
+from .errors import (CheckpointError, CoreClipError, DataError, ImageReadError, ModelNotFoundError,
+                     WeightsUnavailableError)
+from .model import DEFAULT_MODEL, ClipModel, ModelConfig, list_configs, list_shipped, load
+from .retrieval import EmbeddingIndex, recall_at_k, top_k
+from .score import clip_score
+from .zeroshot import ZeroShotClassifier
+
+__all__ = [
+    "CheckpointError", "ClipModel", "CoreClipError", "DEFAULT_MODEL", "DataError", "EmbeddingIndex",
+    "ImageReadError", "ModelConfig", "ModelNotFoundError", "WeightsUnavailableError", "ZeroShotClassifier",
+    "clip_score", "list_configs", "list_shipped", "load", "recall_at_k", "top_k",
+]

@@ -1,0 +1,109 @@
+"""Test fixtures built offline: random Hugging Face CLIP checkpoints with real OpenAI-BPE tokenizer files."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import torch
+from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+# Small enough for fast tests, with distinct widths per tower and several heads. It uses exact GELU and the
+# current special token ids (eos 49407: HF pools at the first eos), ViT-B-32 the other variants of both.
+_TINY = {
+    "projection_dim": 32,
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": "gelu",
+    },
+    "vision_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_act": "gelu",
+    },
+}
+# openai/clip-vit-base-patch32, including its legacy special token ids (eos 2 -> HF pools at argmax of the ids).
+_VIT_B_32 = {
+    "projection_dim": 512,
+    "text_config": {
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": "quick_gelu",
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "vision_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "image_size": 224,
+        "patch_size": 32,
+        "hidden_act": "quick_gelu",
+    },
+}
+ARCHS = {"tiny": _TINY, "ViT-B-32": _VIT_B_32}
+
+
+def save_random_hf_clip(folder: str | os.PathLike, arch: str = "tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised ``transformers.CLIPModel`` plus tokenizer and preprocessor files to ``folder``.
+
+    Loads offline with ``CLIPModel.from_pretrained(folder)`` and ``CLIPProcessor.from_pretrained(folder)``.
+    Deterministic for a given ``seed``. Returns the folder.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = CLIPConfig(**ARCHS[arch])
+
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    # HF initialises LayerNorms to (1, 0) and biases to 0; perturb every 1-D parameter so that a swapped or
+    # dropped LayerNorm / bias / q-k-v slice changes the outputs.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder)
+
+    vocab, merges = _openai_bpe()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n", encoding="utf-8"
+    )
+    context_length = config.text_config.max_position_embeddings
+    CLIPTokenizer.from_pretrained(folder, model_max_length=context_length).save_pretrained(folder)
+
+    size = config.vision_config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    return folder
+
+
+def _openai_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The HF spelling of open_clip's SimpleTokenizer vocabulary: (token -> id, merges in rank order).
+
+    Ids: 256 byte characters, the same with '</w>', one token per merge, then <|startoftext|> = 49406 and
+    <|endoftext|> = 49407.
+    """
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # same slice as SimpleTokenizer
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
