@@ -18,16 +18,14 @@ from .zeroshot import ZeroShotClassifier
 if TYPE_CHECKING:
     from .model import ClipModel
 
-POSITION_PHRASES = {"center": "in the center", "left": "on the left", "right": "on the right",
-                    "top": "at the top", "bottom": "at the bottom"}
-
 # attribute -> (class names, templates, the scene's class name). Templates follow ShapesWorld's caption styles.
 SHAPES_TASKS: dict[str, tuple[Sequence[str], Sequence[str], Callable[[shapes.Scene], str]]] = {
     "shape": (shapes.SHAPES, ("a {}", "a photo of a {}"), lambda s: s.shape),
     "color": (tuple(shapes.COLORS), ("a {} shape", "a photo of a {} shape"), lambda s: s.color),
     "background": (tuple(shapes.COLORS), ("a shape on a {} background",), lambda s: s.background),
     "size": (shapes.SIZES, ("a {} shape", "a photo of a {} shape"), lambda s: s.size),
-    "position": (tuple(POSITION_PHRASES.values()), ("a small shape {}",), lambda s: POSITION_PHRASES[s.position]),
+    "position": (tuple(shapes.POSITION_PHRASES.values()), ("a small shape {}",),
+                 lambda s: shapes.POSITION_PHRASES[s.position]),
     "color_shape": (tuple(f"{c} {s}" for c in shapes.COLORS for s in shapes.SHAPES),
                     ("a {}", "a photo of a {}"), lambda s: f"{s.color} {s.shape}"),
 }

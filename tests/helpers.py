@@ -107,3 +107,27 @@ def _openai_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     tokens = chars + [c + "</w>" for c in chars] + ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def torchmetrics_clip(folder: str | os.PathLike):
+    """``(model, processor)`` from a HF CLIP folder, for ``CLIPScore(model_name_or_path=lambda: ...)``.
+
+    torchmetrics 1.9 uses ``get_image_features()`` / ``get_text_features()`` as tensors; transformers 5 returns
+    output objects holding the projected features in ``pooler_output``. The model is wrapped to hand torchmetrics
+    that tensor; weights and processing are untouched.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    class _TensorFeatures(CLIPModel):
+        def get_image_features(self, *args, **kwargs):
+            return pooled_features(super().get_image_features(*args, **kwargs))
+
+        def get_text_features(self, *args, **kwargs):
+            return pooled_features(super().get_text_features(*args, **kwargs))
+
+    return _TensorFeatures.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+
+
+def pooled_features(out) -> torch.Tensor:
+    """The projected features from ``get_*_features``: a tensor (transformers 4) or ``.pooler_output`` (5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output

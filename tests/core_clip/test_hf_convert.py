@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
+import transformers
 from safetensors.torch import load_file, save_file
 
 from core_clip.errors import CheckpointError
 from core_clip.hf_convert import ConversionError, convert_hf_clip, is_hf_clip_folder
-from tests.helpers import save_random_hf_clip
+from tests.helpers import pooled_features, save_random_hf_clip
 
-transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 CAPTIONS = [
@@ -50,11 +50,6 @@ def hf_variant_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     return folder
 
 
-def _features(output: torch.Tensor | object) -> torch.Tensor:
-    # transformers 5 returns BaseModelOutputWithPooling with the projected features in pooler_output.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 def _open_clip_model(folder: Path) -> CLIP:
     converted = convert_hf_clip(folder)
     model = CLIP(**converted.model_cfg).eval()
@@ -74,8 +69,8 @@ def test_converted_model_matches_transformers(hf_variant_folder: Path) -> None:
     hf_ids_full = processor(text=CAPTIONS, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     open_clip_ids = SimpleTokenizer(context_length=77)(CAPTIONS)
     with torch.no_grad():
-        hf_image = F.normalize(_features(hf_model.get_image_features(pixel_values=images)), dim=-1)
-        hf_text = F.normalize(_features(hf_model.get_text_features(**hf_inputs)), dim=-1)
+        hf_image = F.normalize(pooled_features(hf_model.get_image_features(pixel_values=images)), dim=-1)
+        hf_text = F.normalize(pooled_features(hf_model.get_text_features(**hf_inputs)), dim=-1)
         image = model.encode_image(images, normalize=True)
         text_from_hf_ids = model.encode_text(hf_ids_full, normalize=True)
         text_from_open_clip_ids = model.encode_text(open_clip_ids, normalize=True)

@@ -2,10 +2,9 @@
 import pytest
 import torch
 from torchmetrics.functional.multimodal import clip_score as tm_clip_score
-from transformers import CLIPModel, CLIPProcessor
 
 import core_clip
-from tests.helpers import save_random_hf_clip
+from tests.helpers import save_random_hf_clip, torchmetrics_clip
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +14,7 @@ def hf_folder(tmp_path_factory):
 
 def test_clip_score_agrees_with_torchmetrics_per_sample(hf_folder):
     model = core_clip.load(str(hf_folder), device="cpu")
-    hf = (CLIPModel.from_pretrained(hf_folder).eval(), CLIPProcessor.from_pretrained(hf_folder))
+    hf = torchmetrics_clip(hf_folder)
     g = torch.Generator().manual_seed(0)
     # uint8 images at the model's input size: both sides then see the same pixels (no resampling differences)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
