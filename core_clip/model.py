@@ -367,7 +367,9 @@ def load(name: str, device: str | torch.device | None = None, precision: str = "
         raise CoreClipError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = resolve(name, arch)
-    clip = _build_open_clip(resolved.config.model_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random-init models are the same on every load; the caller's RNG is untouched
+        clip = _build_open_clip(resolved.config.model_cfg)
     if resolved.weights is None:
         log.warning("%s: no pretrained weights, the model is randomly initialised", name)
     else:

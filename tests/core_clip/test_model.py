@@ -28,6 +28,10 @@ def test_random_init_logs_a_warning(caplog):
     assert torch.allclose(image_emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(text_emb.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert not image_emb.requires_grad
+    state = torch.random.get_rng_state()
+    again = core_clip.load("shapes-tiny", device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), state), "loading must not consume the caller's RNG"
+    assert torch.equal(_embeddings(again)[0], image_emb), "random init is seeded: same model on every load"
 
 
 @pytest.mark.parametrize("layout", ["folder", "file.safetensors"])
