@@ -3,6 +3,7 @@ line on stderr; ``--json`` prints exactly one JSON object on the last line of st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -114,6 +115,32 @@ def cmd_search(args) -> None:
           args.json, [f"{s:.4f}\t{p}" for p, s in hits])
 
 
+_FLAG_TYPES = {"str": str, "int": int, "float": float}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, config_fields) -> None:
+    """One ``--flag`` per dataclass field (``help`` from the field's metadata); bools get ``--x/--no-x``."""
+    for f in config_fields:
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.default is dataclasses.MISSING:
+            parser.add_argument(flag, type=_FLAG_TYPES[f.type], required=True, help=help_text)
+        else:
+            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=f.default, help=f"{help_text} ({f.default})")
+
+
+def cmd_train(args) -> None:
+    from .train import TrainConfig, config_fields, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
+    if args.json:
+        cfg.progress = False
+    model = train(cfg)
+    out = str(Path(cfg.out) / "model.safetensors")
+    emit({"out": out, "model": model.name}, args.json, [f"trained model saved to {out}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="core-clip", description="Serve and evaluate CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -131,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--labels", type=_labels, required=True, help="comma-separated class names")
     p.add_argument("--template", action="append", help="prompt template with one {} (repeatable)")
+
+    p = sub.add_parser("train", help="contrastive training (also: torchrun ... -m core_clip.train)",
+                       description="Train or fine-tune a CLIP on image-caption pairs.")
+    p.set_defaults(fn=cmd_train)
+    from .train import config_fields
+
+    add_dataclass_flags(p, config_fields())
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
     p = command("eval", cmd_eval, "zero-shot accuracy and retrieval R@1/5/10 on a dataset")
     p.add_argument("--data", required=True, help="shapes, digits, or a CSV of path,caption rows")

@@ -353,7 +353,7 @@ def resolve(name: str, arch: str | None = None) -> _Resolved:
 
 
 def load(name: str, device: str | torch.device | None = None, precision: str = "fp32",
-         arch: str | None = None) -> ClipModel:
+         arch: str | None = None, seed: int = 0) -> ClipModel:
     """Load a CLIP model by name or path, in eval mode.
 
     Args:
@@ -362,13 +362,14 @@ def load(name: str, device: str | torch.device | None = None, precision: str = "
         device: defaults to CUDA when available, else CPU.
         precision: "fp32", "fp16" or "bf16" (weights are cast; embeddings are always returned in float32).
         arch: open_clip architecture for a bare weights file that has no config beside it.
+        seed: seed of the random initialisation (models without weights; the caller's RNG is left untouched).
     """
     if precision not in PRECISIONS:
         raise CoreClipError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = resolve(name, arch)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random-init models are the same on every load; the caller's RNG is untouched
+        torch.manual_seed(seed)
         clip = _build_open_clip(resolved.config.model_cfg)
     if resolved.weights is None:
         log.warning("%s: no pretrained weights, the model is randomly initialised", name)

@@ -14,6 +14,7 @@ shape's position is the centroid of its area.
 from __future__ import annotations
 
 import itertools
+import string
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -234,6 +235,19 @@ _TEMPLATES = (
     "{a_color} {shape} {position} on {a_background} background",
     _DESCRIPTION_TEMPLATE,
 )
+# The scene attribute each template field names: a caption asserts exactly the attributes its template mentions.
+_FIELD_ATTRIBUTES = {
+    "shape": "shape",
+    "color": "color",
+    "a_color": "color",
+    "a_size": "size",
+    "a_background": "background",
+    "position": "position",
+}
+_TEMPLATE_ATTRIBUTES: tuple[tuple[str, ...], ...] = tuple(
+    tuple(_FIELD_ATTRIBUTES[field] for _, field, _, _ in string.Formatter().parse(template) if field)
+    for template in _TEMPLATES
+)
 
 
 def _article(word: str) -> str:
@@ -257,10 +271,26 @@ def captions(scene: Scene) -> list[str]:
     return [template.format(**fields) for template in _TEMPLATES]
 
 
+def scene_facts(scene: Scene) -> frozenset[tuple[str, str]]:
+    """Everything true of the scene as (attribute, value) pairs, one per name in ATTRIBUTES."""
+    return frozenset((name, getattr(scene, name)) for name in ATTRIBUTES)
+
+
+def caption_with_claims(scene: Scene, rng: np.random.Generator) -> tuple[str, frozenset[tuple[str, str]]]:
+    """One caption drawn uniformly from ``captions(scene)`` and the (attribute, value) pairs it asserts.
+
+    E.g. ("a red circle", {("color", "red"), ("shape", "circle")}); position phrases assert ("position", p),
+    including "in the center" for large shapes, and "a photo of" asserts nothing. The claims are always a subset
+    of ``scene_facts(scene)``.
+    """
+    k = int(rng.integers(len(_TEMPLATES)))
+    text = _TEMPLATES[k].format(**_caption_fields(scene))
+    return text, frozenset((name, getattr(scene, name)) for name in _TEMPLATE_ATTRIBUTES[k])
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """One caption drawn uniformly from ``captions(scene)``."""
-    options = captions(scene)
-    return options[int(rng.integers(len(options)))]
+    return caption_with_claims(scene, rng)[0]
 
 
 def describe(scene: Scene) -> str:

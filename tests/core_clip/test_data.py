@@ -1,10 +1,28 @@
-"""CSV pair lists and the digits split."""
+"""CSV pair lists, the digits split, and the training datasets, sampler and loader."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from core_clip.data import load_digits, read_pairs_csv
-from core_clip.errors import DataError
+from core_clip.data import (
+    DIGIT_WORDS,
+    Augment,
+    DigitsPairs,
+    EpochSampler,
+    FilePairs,
+    Pair,
+    ShapesPairs,
+    batches_per_epoch,
+    build_dataset,
+    collate,
+    load_digits,
+    make_loader,
+    pairs_from_folder,
+    positives,
+    read_pairs_csv,
+)
+from core_clip.errors import DataError, ImageReadError
+from core_clip.shapes import ATTRIBUTES, read, scene_facts
 
 
 def _image(path):
@@ -47,3 +65,254 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert train_x.max() == 255 and np.median(train_x) > 200  # white paper, dark ink
     with pytest.raises(DataError, match="'train' or 'test'"):
         load_digits("val")
+
+
+# ---------------------------------------------------------------------------------------------- training data
+
+def _same_samples(a, b) -> bool:
+    return (torch.equal(a.image, b.image) and a.caption == b.caption and a.facts == b.facts
+            and a.claims == b.claims)
+
+
+def _batches(loader) -> list:
+    return [(batch.images, batch.captions) for batch in loader]
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) and cx == cy for (x, cx), (y, cy) in zip(a, b))
+
+
+@pytest.mark.parametrize("make", [
+    lambda seed: ShapesPairs(50, seed, augment=Augment(blur=0.5, hflip=True)),
+    lambda seed: DigitsPairs("test", 32, Augment(), seed),
+])
+def test_a_sample_is_a_function_of_seed_epoch_and_index(make):
+    ds, twin, other_seed = make(3), make(3), make(4)
+    for i in (0, 7, 31):
+        assert _same_samples(ds[i], twin[i]) and _same_samples(ds[i], ds[i])
+    assert not any(torch.equal(ds[i].image, other_seed[i].image) for i in range(10))
+    before = [ds[i] for i in range(10)]
+    ds.set_epoch(1)
+    assert not any(torch.equal(ds[i].image, b.image) for i, b in zip(range(10), before))
+    assert len({ds[i].caption for i in range(10)} ^ {b.caption for b in before}) > 0
+    ds.set_epoch(0)
+    assert all(_same_samples(ds[i], b) for i, b in zip(range(10), before))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_loader_batches_do_not_depend_on_workers_and_resume_exactly():
+    ds = ShapesPairs(96, seed=1, image_size=32, augment=Augment(blur=0.5))
+    single = _batches(make_loader(ds, 16, seed=5, epoch=2))
+    assert len(single) == 6 and single[0][0].shape == (16, 3, 32, 32)
+    assert _same_batches(single, _batches(make_loader(ds, 16, seed=5, epoch=2, workers=2)))
+    assert _same_batches(single[4:], _batches(make_loader(ds, 16, seed=5, epoch=2, start_batch=4)))
+    next_epoch = _batches(make_loader(ds, 16, seed=5, epoch=3))
+    assert ds.epoch == 3 and not torch.equal(single[0][0], next_epoch[0][0])
+
+
+def test_collate():
+    samples = [ShapesPairs(10, 0, image_size=16)[i] for i in range(3)]
+    batch = collate(samples)
+    assert batch.images.shape == (3, 3, 16, 16) and len(batch) == 3
+    assert batch.captions == [s.caption for s in samples] and batch.facts == [s.facts for s in samples]
+    assert batch.claims == [s.claims for s in samples]
+
+
+# ------------------------------------------------------------------------------------------ EpochSampler
+
+
+def test_ranks_split_each_global_batch_in_rank_order():
+    single = list(EpochSampler(103, 8, seed=0, epoch=1))
+    ranks = [list(EpochSampler(103, 4, seed=0, epoch=1, rank=r, world_size=2)) for r in range(2)]
+    assert batches_per_epoch(103, 8) == len(single) == 12 and [len(r) for r in ranks] == [12, 12]
+    assert all(len(b) == 8 for b in single) and all(len(b) == 4 for r in ranks for b in r)
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == single
+    flat = [i for b in single for i in b]
+    assert len(set(flat)) == 96 and set(flat) <= set(range(103))
+
+
+def test_start_batch_yields_the_tail_and_epochs_differ():
+    full = list(EpochSampler(50, 5, seed=2, epoch=0))
+    for k in (0, 3, 10):
+        sampler = EpochSampler(50, 5, seed=2, epoch=0, start_batch=k)
+        assert len(sampler) == 10 - k and list(sampler) == full[k:]
+    assert list(EpochSampler(50, 5, seed=2, epoch=1)) != full
+    assert list(EpochSampler(50, 5, seed=3, epoch=0)) != full
+    assert list(EpochSampler(50, 5, seed=2, epoch=0)) == full
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 512}, r"batch size 512 x 1 process\(es\) is larger than the dataset \(100 samples\)"),
+    ({"batch_size": 60, "world_size": 2, "rank": 1}, r"batch size 60 x 2 process\(es\) is larger"),
+    ({"batch_size": 10, "world_size": 2, "rank": 2}, r"rank must be in \[0, 2\)"),
+    ({"batch_size": 10, "start_batch": 11}, r"start batch must be in \[0, 10\]"),
+])
+def test_sampler_errors(kwargs, message):
+    with pytest.raises(DataError, match=message):
+        EpochSampler(100, seed=0, epoch=0, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- ShapesPairs
+
+
+def test_shapes_train_split_never_shows_held_out_pairs():
+    ds = ShapesPairs(2000, seed=0)
+    scenes = [ds.scene(i) for i in range(2000)]
+    assert not any(s.held_out for s in scenes)
+    assert len({(s.color, s.shape) for s in scenes}) == 3 * 8 - 3
+    assert all(ds.scene(i) == s for i, s in zip(range(5), scenes))
+    assert all(dict(ds[i].facts) == {a: getattr(s, a) for a in ATTRIBUTES} for i, s in zip(range(5), scenes))
+    heldout = ShapesPairs(200, seed=0, split="heldout")
+    assert all(heldout.scene(i).held_out for i in range(200))
+    with pytest.raises(DataError, match="'dev'"):
+        ShapesPairs(10, 0, split="dev")
+
+
+def test_shapes_claims_hold_and_the_oracle_reads_the_facts():
+    ds = ShapesPairs(200, seed=4)
+    samples = [ds[i] for i in range(200)]
+    assert all(s.claims <= s.facts and s.image.shape == (3, 64, 64) for s in samples)
+    for s in samples:
+        reading = read(s.image)
+        assert {a: reading[a] for a in ("shape", "color", "background")} == {
+            a: v for a, v in s.facts if a in ("shape", "color", "background")}
+    batch = collate(samples[:64])
+    assert positives(batch.facts, batch.claims).diagonal().all()
+
+
+# ----------------------------------------------------------------------------------------------- Augment
+
+
+def test_augment_output_and_determinism():
+    image = torch.rand(3, 40, 40)
+    augment = Augment(blur=0.5, hflip=True)
+    outs = [augment(image, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert all(o.shape == image.shape and o.dtype == image.dtype and 0 <= o.min() and o.max() <= 1 for o in outs)
+    assert torch.equal(outs[3], augment(image, torch.Generator().manual_seed(3)))
+    assert not torch.equal(outs[0], outs[1])
+    assert Augment().hflip is False
+
+
+def test_augment_without_randomness_is_the_identity():
+    image = torch.rand(3, 24, 24)
+    identity = Augment(scale=(1, 1), shift=0, noise=0, blur=0)
+    for seed in range(5):
+        assert (identity(image, torch.Generator().manual_seed(seed)) - image).abs().max() <= 1e-6
+
+
+def test_augment_hflip_flips_only_when_enabled():
+    image = torch.rand(3, 16, 16)
+    still = Augment(scale=(1, 1), shift=0, noise=0)
+    flip = Augment(scale=(1, 1), shift=0, noise=0, hflip=True)
+    outs = [flip(image, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(torch.equal(o, image) or torch.equal(o, image.flip(-1)) for o in outs)
+    assert 0 < sum(torch.equal(o, image) for o in outs) < 20
+    assert all(torch.equal(still(image, torch.Generator().manual_seed(s)), image) for s in range(20))
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": (0, 1)}, {"scale": (0.9, 0.8)}, {"shift": 0.5}, {"noise": -1},
+                                    {"blur": 2}])
+def test_augment_rejects_bad_settings(kwargs):
+    with pytest.raises(DataError):
+        Augment(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- positives
+
+
+def test_positives_by_hand():
+    cat, dog = frozenset({("caption", "a cat")}), frozenset({("caption", "a dog")})
+    red_circle = frozenset({("color", "red"), ("shape", "circle"), ("background", "blue")})
+    red = frozenset({("color", "red")})
+    facts = [cat, dog, cat, red_circle, red_circle]
+    claims = [cat, dog, cat, red, frozenset()]
+    assert positives(facts, claims).tolist() == [
+        [True, False, True, False, True],
+        [False, True, False, False, True],
+        [True, False, True, False, True],
+        [False, False, False, True, True],
+        [False, False, False, True, True],
+    ]
+    assert positives([], []).shape == (0, 0)
+    with pytest.raises(DataError, match="2 facts sets but 1 claims"):
+        positives([cat, dog], [cat])
+
+
+def test_positives_matches_the_definition_on_shapes():
+    ds = ShapesPairs(300, seed=6, image_size=16)
+    facts = [scene_facts(ds.scene(i)) for i in range(300)]
+    claims = [ds[i].claims for i in range(300)]
+    expected = torch.tensor([[c <= f for c in claims] for f in facts])
+    assert torch.equal(positives(facts, claims), expected)
+
+
+# ------------------------------------------------------------------------------------ files, digits, dispatch
+
+
+def test_file_pairs_resize_crop_and_label_by_caption(tmp_path):
+    Image.new("RGB", (60, 30), (0, 0, 255)).save(tmp_path / "wide.png")
+    pairs = [Pair(tmp_path / "wide.png", "blue"), Pair(tmp_path / "wide.png", "blue")]
+    sample = FilePairs(pairs, 16)[1]
+    assert sample.image.shape == (3, 16, 16) and sample.image.is_contiguous()
+    assert torch.allclose(sample.image, torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 16, 16), atol=1e-6)
+    assert sample.facts == sample.claims == {("caption", "blue")}
+
+
+def test_file_pairs_fail_loudly_on_an_unreadable_image(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    ds = FilePairs([Pair(tmp_path / "broken.png", "x")], 16, Augment())
+    with pytest.raises(ImageReadError, match="broken.png"):
+        ds[0]
+
+
+def test_pairs_from_folder(tmp_path):
+    _image(tmp_path / "b.png")
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("a red\n  square\n")
+    (tmp_path / "b.txt").write_text("another one")
+    (tmp_path / "notes.md").write_text("ignored")
+    assert pairs_from_folder(tmp_path) == [Pair(tmp_path / "a.jpg", "a red square"),
+                                           Pair(tmp_path / "b.png", "another one")]
+    _image(tmp_path / "c.png")
+    _image(tmp_path / "d.png")
+    (tmp_path / "d.txt").write_text(" \n")
+    with pytest.raises(DataError, match=r"2 image\(s\) without a caption: c.png: no c.txt; d.png: d.txt is empty"):
+        pairs_from_folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        pairs_from_folder(tmp_path / "empty")
+    with pytest.raises(DataError, match="not a folder"):
+        pairs_from_folder(tmp_path / "nowhere")
+
+
+def test_digits_captions_name_the_digit():
+    ds = DigitsPairs("test", 32)
+    numbers = {str(d): {str(d), w} for d, w in enumerate(DIGIT_WORDS)}
+    captions = set()
+    for i in range(0, len(ds), 5):
+        s = ds[i]
+        label = str(int(ds.labels[i]))
+        assert s.facts == s.claims == {("digit", label)}
+        assert set(s.caption.split()) & numbers[label]
+        assert s.image.shape == (3, 32, 32) and s.image.min() >= 0 and s.image.max() <= 1
+        captions.add(s.caption)
+    assert len(captions) > 30
+    assert s.image.mean() > 0.5  # white paper, dark ink
+
+
+def test_build_dataset_dispatch(tmp_path):
+    common = {"image_size": 32, "seed": 0, "augment": None}
+    assert len(build_dataset("shapes", split="train", **common)) == 100_000
+    shapes_val = build_dataset("shapes", split="val", n=10, **common)
+    assert isinstance(shapes_val, ShapesPairs) and len(shapes_val) == 10 and shapes_val.split == "val"
+    digits = build_dataset("digits", split="train", n=5, **common)  # n: epoch length of generated data only
+    assert isinstance(digits, DigitsPairs) and len(digits) == 1347
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("red")
+    (tmp_path / "pairs.csv").write_text("a.png,red\n")
+    for data in (str(tmp_path / "pairs.csv"), str(tmp_path)):
+        ds = build_dataset(data, split="train", **common)
+        assert isinstance(ds, FilePairs) and ds.pairs == [Pair(tmp_path / "a.png", "red")]
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
+        build_dataset("imagenet", split="train", **common)

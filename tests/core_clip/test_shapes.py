@@ -10,12 +10,14 @@ from core_clip.shapes import (
     ATTRIBUTES,
     COLORS,
     HELD_OUT,
+    POSITION_PHRASES,
     POSITIONS,
     SHAPES,
     SPLITS,
     Scene,
     ShapesError,
     caption,
+    caption_with_claims,
     captions,
     describe,
     matches,
@@ -23,6 +25,7 @@ from core_clip.shapes import (
     render,
     render_batch,
     sample_scenes,
+    scene_facts,
 )
 
 RED, BLUE = np.array(COLORS["red"]), np.array(COLORS["blue"])
@@ -358,3 +361,57 @@ def test_describe_format():
         "a large orange square in the center on a white background"
     )
     assert "at the top" in describe(Scene("triangle", "green", "orange", "small", "top"))
+
+
+def test_caption_strings_are_unchanged_for_a_given_rng():
+    rng = np.random.default_rng(0)
+    assert [caption(Scene("circle", "red", "blue", "small", "left"), rng) for _ in range(6)] == [
+        "a red circle on the left on a blue background",
+        "a picture of a red circle",
+        "a photo of a small red circle",
+        "a red circle on the left",
+        "a red circle on the left",
+        "a red circle",
+    ]
+
+
+def test_scene_facts():
+    assert scene_facts(Scene("square", "orange", "white", "large")) == {
+        ("shape", "square"), ("color", "orange"), ("background", "white"), ("size", "large"), ("position", "center")
+    }
+
+
+def test_caption_claims_are_what_the_caption_says():
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    scenes = sample_scenes(400, 1) + sample_scenes(100, 1, "heldout")
+    seen = set()
+    for scene in scenes:
+        text, claims = caption_with_claims(scene, rng_a)
+        assert text == caption(scene, rng_b) and text in captions(scene)  # same draw as caption()
+        assert claims <= scene_facts(scene)
+        claimed = dict(claims)
+        assert claimed["color"] == scene.color and claimed["shape"] == scene.shape
+        assert ("size" in claimed) == (f" {scene.size} " in text)
+        assert ("background" in claimed) == text.endswith("background")
+        assert ("position" in claimed) == (POSITION_PHRASES[scene.position] in text)
+        seen.add(frozenset(claimed))
+    assert len(seen) == 7  # every combination the templates produce
+
+
+def test_caption_claims_examples():
+    class Fixed:  # an rng that always picks template k
+        def __init__(self, k):
+            self.k = k
+
+        def integers(self, n):
+            return self.k
+
+    large = Scene("circle", "red", "blue", "large")
+    assert caption_with_claims(large, Fixed(0)) == ("a red circle", {("color", "red"), ("shape", "circle")})
+    assert caption_with_claims(large, Fixed(2)) == (
+        "a red circle in the center", {("color", "red"), ("shape", "circle"), ("position", "center")}
+    )
+    assert caption_with_claims(large, Fixed(4)) == (
+        "a photo of a large red circle", {("color", "red"), ("shape", "circle"), ("size", "large")}
+    )
+    assert caption_with_claims(large, Fixed(8)) == (describe(large), scene_facts(large))

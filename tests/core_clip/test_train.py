@@ -1,0 +1,151 @@
+"""Training loop: it learns, accumulation keeps the full batch, resume after SIGKILL is exact, bad input is loud."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import core_clip
+from core_clip.errors import DataError, ImageReadError
+from core_clip.train import TrainConfig, Trainer, TrainError, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp_path, **overrides) -> TrainConfig:
+    base = dict(data="shapes", out=str(tmp_path / "run"), model="shapes-tiny", batch_size=16, samples_per_epoch=160,
+                epochs=1, warmup_steps=2, lr=1e-3, save_every=1000, eval_every=0, eval_samples=32,
+                progress=False, device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
+    cfg = _cfg(tmp_path, samples_per_epoch=320, epochs=2, lr=2e-3)
+    model = train(cfg)
+    losses = _losses(Path(cfg.out))
+    assert len(losses) == 40
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
+    assert last < first - 0.3, (first, last)
+    assert 0 <= model.clip.logit_scale.item() <= torch.log(torch.tensor(100.0)).item() + 1e-6
+    loaded = core_clip.load(str(Path(cfg.out) / "model.safetensors"), device="cpu")
+    assert torch.equal(loaded.encode_text(["a red circle"]), model.encode_text(["a red circle"]))
+    evals = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
+             if "eval" in line]
+    assert [e["step"] for e in evals] == [20, 40] and "shape_acc" in evals[0]["eval"]
+
+
+def _first_step_gradients(cfg: TrainConfig) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer = Trainer(cfg)
+    grads = {}
+
+    def capture(*args, **kwargs):  # stands in for AdamW.step: record the gradient, leave the weights
+        grads.update({n: p.grad.clone() for n, p in trainer.model.clip.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.step = capture
+    loss = trainer._train_step(next(trainer._batches(epoch=0, start_step=0)))
+    return loss, grads
+
+
+def test_feature_cache_accumulation_equals_one_big_batch(tmp_path):
+    loss_one, one = _first_step_gradients(_cfg(tmp_path / "a", batch_size=16, accum_steps=1, augment=False))
+    loss_two, two = _first_step_gradients(_cfg(tmp_path / "b", batch_size=8, accum_steps=2, augment=False))
+    assert loss_one == pytest.approx(loss_two, abs=1e-6)
+    assert one.keys() == two.keys() and "logit_scale" in one
+    for name in one:  # fp32 sums in another order: compare each gradient tensor as a whole
+        assert (one[name] - two[name]).norm() <= 1e-4 * one[name].norm(), name
+    # the temperature's gradient is counted once, not once per micro-batch
+    assert one["logit_scale"].item() == pytest.approx(two["logit_scale"].item(), rel=1e-4)
+
+
+def _train_cmd(out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "core_clip.train", "--data", "shapes", "--out", str(out), "--model", "shapes-tiny",
+            "--batch-size", "16", "--samples-per-epoch", "96", "--epochs", "3", "--max-steps", str(steps),
+            "--save-every", "4", "--warmup-steps", "2", "--no-progress", "--device", "cpu", "--eval-every", "0",
+            "--eval-samples", "16", "--workers", "1"]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight, 14), check=True, env=env, timeout=300, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, 14), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not (latest.is_file() and latest.read_text().strip() == "step_0000004") and time.monotonic() < deadline:
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch: an epoch is 6 steps, the checkpoint is at step 4
+    proc.wait()
+    assert 4 in _losses(killed)  # it logged step 4 before dying
+
+    # every checkpoint folder that exists is complete and loadable
+    for ckpt in (killed / "checkpoints").glob("step_*"):
+        core_clip.load(str(ckpt / "model.safetensors"), device="cpu")
+        assert torch.load(ckpt / "state.pt", weights_only=True)["step"] == int(ckpt.name.split("_")[1])
+
+    subprocess.run(_train_cmd(killed, 14) + ["--resume"], check=True, env=env, timeout=300, capture_output=True)
+    assert _losses(killed) == _losses(straight)  # bit-identical floats, every step once
+    assert torch.equal(core_clip.load(str(killed / "model.safetensors")).encode_text(["a red circle"]),
+                       core_clip.load(str(straight / "model.safetensors")).encode_text(["a red circle"]))
+
+
+def _csv(tmp_path: Path, rows: list[str]) -> str:
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / name)
+    path = tmp_path / "pairs.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("rows, error, message", [
+    (["a.png,a red square", "missing.png,x"], DataError, "missing.png"),
+    (["a.png,a red square", "b.png,"], DataError, "empty caption"),
+    (["a.png,a red square", "b.png,a red square", "c.png,a red square"], DataError, "larger than the dataset"),
+])
+def test_bad_training_data_fails_before_training(tmp_path, rows, error, message):
+    with pytest.raises(error, match=message):
+        train(_cfg(tmp_path, data=_csv(tmp_path, rows), batch_size=8))
+
+
+def test_unreadable_image_stops_training_naming_the_file(tmp_path):
+    data = _csv(tmp_path, ["a.png,a red square", "bad.png,a broken file"])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ImageReadError, match="bad.png"):
+        train(_cfg(tmp_path, data=data, batch_size=2))
+
+
+def test_resume_guards(tmp_path):
+    with pytest.raises(TrainError, match="no checkpoint"):
+        train(_cfg(tmp_path, resume=True))
+    train(_cfg(tmp_path, max_steps=2, save_every=1))
+    with pytest.raises(TrainError, match="already holds checkpoints"):
+        train(_cfg(tmp_path, max_steps=2))
+    with pytest.raises(TrainError, match="differ from the saved run: batch_size"):
+        train(_cfg(tmp_path, max_steps=4, resume=True, batch_size=8))
+    with pytest.raises(TrainError, match="--lr must be > 0"):
+        train(_cfg(tmp_path, lr=0))
+
+
+def test_cli_train_json(tmp_path, capsys):
+    from core_clip.cli import main
+
+    out = tmp_path / "digits"
+    assert main(["train", "--data", "digits", "--out", str(out), "--batch-size", "32", "--max-steps", "2",
+                 "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["out"] == str(out / "model.safetensors")
+    core_clip.load(result["out"], device="cpu")
