@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import shapes
 from .errors import DataError
-from .preprocess import Preprocess, as_image_batch, open_image
+from .preprocess import IMAGE_SUFFIXES, Preprocess, as_image_batch, open_image
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TEST_FRACTION = 0.25
@@ -97,7 +97,6 @@ def load_digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- training data
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGIT_TEMPLATES = (
     "a handwritten {numeral}",
     "a handwritten {word}",
@@ -273,7 +272,7 @@ class FilePairs(PairDataset):
 
 
 def pairs_from_folder(folder: str | os.PathLike) -> list[Pair]:
-    """Images directly in ``folder`` (IMAGE_EXTENSIONS, sorted by name), each captioned by the text of the
+    """Images directly in ``folder`` (IMAGE_SUFFIXES, sorted by name), each captioned by the text of the
     same-name .txt file (cat.png + cat.txt) with whitespace collapsed.
 
     Raises :class:`DataError` naming every image whose .txt is missing or empty, or if there are no images.
@@ -281,9 +280,9 @@ def pairs_from_folder(folder: str | os.PathLike) -> list[Pair]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise DataError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        raise DataError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {folder}")
     pairs, problems = [], []
     for image in images:
         text_file = image.with_suffix(".txt")

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import CoreClipError, ImageReadError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

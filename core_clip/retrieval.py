@@ -12,11 +12,11 @@ from safetensors import safe_open
 
 from .checkpoint import save_safetensors
 from .errors import CoreClipError
+from .preprocess import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from .model import ClipModel
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INDEX_FORMAT = "core_clip.index/1"
 
 

@@ -382,7 +382,7 @@ class Trainer:
                     speed = effective / (time.perf_counter() - tic)
                     temperature = self.model.logit_scale.item()
                     self._log({"step": self.step, "epoch": epoch, "loss": loss, "logit_scale": temperature,
-                               "lr": lr, "samples_per_s": speed})
+                               "lr": lr, "samples_per_s": speed, "time": round(time.time(), 3)})
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", scale=f"{temperature:.1f}", sps=f"{speed:.0f}")
                     if self.step % cfg.save_every == 0 or self.step == self.total_steps:
