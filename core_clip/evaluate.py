@@ -18,16 +18,22 @@ from .zeroshot import ZeroShotClassifier
 if TYPE_CHECKING:
     from .model import ClipModel
 
-# attribute -> (class names, templates, the scene's class name). Templates follow ShapesWorld's caption styles.
+_a = shapes.with_article
+# Fillers for the attributes a task does not ask about: each class is an ensemble over every other colour and shape,
+# phrased as ShapesWorld's captions are ("an orange circle on a blue background").
+_COLOR_SHAPE = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
+
+# attribute -> (class names, templates, the scene's class name)
 SHAPES_TASKS: dict[str, tuple[Sequence[str], Sequence[str], Callable[[shapes.Scene], str]]] = {
-    "shape": (shapes.SHAPES, ("a {}", "a photo of a {}"), lambda s: s.shape),
-    "color": (tuple(shapes.COLORS), ("a {} shape", "a photo of a {} shape"), lambda s: s.color),
-    "background": (tuple(shapes.COLORS), ("a shape on a {} background",), lambda s: s.background),
-    "size": (shapes.SIZES, ("a {} shape", "a photo of a {} shape"), lambda s: s.size),
-    "position": (tuple(shapes.POSITION_PHRASES.values()), ("a small shape {}",),
+    "shape": (shapes.SHAPES, tuple(f"{_a(c)} {{}}" for c in shapes.COLORS), lambda s: s.shape),
+    "color": (tuple(map(_a, shapes.COLORS)), tuple(f"{{}} {s}" for s in shapes.SHAPES), lambda s: _a(s.color)),
+    "background": (tuple(map(_a, shapes.COLORS)), tuple(f"{_a(c)} {s} on {{}} background" for c, s in _COLOR_SHAPE),
+                   lambda s: _a(s.background)),
+    "size": (tuple(map(_a, shapes.SIZES)), tuple(f"{{}} {c} {s}" for c, s in _COLOR_SHAPE), lambda s: _a(s.size)),
+    "position": (tuple(shapes.POSITION_PHRASES.values()), tuple(f"{_a(c)} {s} {{}}" for c, s in _COLOR_SHAPE),
                  lambda s: shapes.POSITION_PHRASES[s.position]),
-    "color_shape": (tuple(f"{c} {s}" for c in shapes.COLORS for s in shapes.SHAPES),
-                    ("a {}", "a photo of a {}"), lambda s: f"{s.color} {s.shape}"),
+    "color_shape": (tuple(f"{_a(c)} {s}" for c, s in _COLOR_SHAPE), ("{}", "a picture of {}"),
+                    lambda s: f"{_a(s.color)} {s.shape}"),
 }
 RETRIEVAL_KS = (1, 5, 10)
 

@@ -179,6 +179,12 @@ class ClipModel(nn.Module):
         x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
         return F.normalize(x.float(), dim=-1)
 
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training forward: preprocessed pixels [B, 3, S, S] and token ids [B, L] -> (image features [B, D],
+        text features [B, D], both float32 L2-normalised, and the logit scale exp(t)). Text runs only up to the last
+        end token, which gives open_clip's features and gradients exactly for less compute."""
+        return self._image_features(pixels), self._text_features(tokens), self.clip.logit_scale.exp()
+
     def encode_image(self, x: torch.Tensor, *, grad: bool = False, batch_size: int = 256) -> torch.Tensor:
         """Preprocessed images [B, 3, S, S] (S = ``image_size``, normalised) -> embeddings [B, D]."""
         if x.ndim != 4 or x.shape[1] != 3:

@@ -250,7 +250,8 @@ _TEMPLATE_ATTRIBUTES: tuple[tuple[str, ...], ...] = tuple(
 )
 
 
-def _article(word: str) -> str:
+def with_article(word: str) -> str:
+    """"a red", "an orange": the word with its indefinite article."""
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
@@ -258,9 +259,9 @@ def _caption_fields(scene: Scene) -> dict[str, str]:
     return {
         "shape": scene.shape,
         "color": scene.color,
-        "a_color": _article(scene.color),
-        "a_size": _article(scene.size),
-        "a_background": _article(scene.background),
+        "a_color": with_article(scene.color),
+        "a_size": with_article(scene.size),
+        "a_background": with_article(scene.background),
         "position": POSITION_PHRASES[scene.position],
     }
 

@@ -20,12 +20,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, load_strict, read_state_dict
@@ -40,7 +41,8 @@ LATEST = "latest"
 METRICS = "metrics.jsonl"
 STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
-RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment")
+RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
+                     "adv_eps", "adv_steps", "adv_start")
 
 
 @dataclass
@@ -65,6 +67,11 @@ class TrainConfig:
     multi_positive: bool = field(default=True, metadata={
         "help": "a caption true of several images in the batch is a positive for all of them"})
     augment: bool = field(default=True, metadata={"help": "random crops, shifts and pixel noise"})
+    adv_eps: float = field(default=0.0, metadata={
+        "help": "adversarial training: L-inf radius of image perturbations in [0, 1] pixel units (0: off)"})
+    adv_steps: int = field(default=1, metadata={"help": "attack steps per batch when --adv-eps > 0"})
+    adv_start: int = field(default=0, metadata={
+        "help": "clean optimiser steps before adversarial training starts (learn the content first, then robustness)"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
@@ -185,10 +192,10 @@ class Trainer:
             clip.set_grad_checkpointing(True)
         if cfg.loss == "siglip" and getattr(clip, "logit_bias", None) is None:
             raise TrainError(f"--loss siglip needs a model with a logit_bias; {cfg.model} has none")
-        self.net: torch.nn.Module = clip
+        self.net: torch.nn.Module = self.model
         if self.dist.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                clip, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             self.net = torch.compile(self.net)
 
@@ -209,6 +216,7 @@ class Trainer:
         loss_kwargs = dict(rank=self.dist.rank, world_size=self.dist.world_size)
         self.loss_fn = (SigLipLoss(**loss_kwargs) if cfg.loss == "siglip"
                         else ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True, **loss_kwargs))
+        self.attack_loss = ClipLoss()  # the attack of --adv-eps is local to each process
         self.checkpoints = Checkpoints(self.out, cfg.keep_checkpoints)
         self.step = 0
         if cfg.resume:
@@ -218,10 +226,12 @@ class Trainer:
 
     def _validate(self) -> None:
         cfg = self.cfg
-        for name in ("epochs", "batch_size", "accum_steps", "samples_per_epoch", "save_every", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "accum_steps", "samples_per_epoch", "save_every", "keep_checkpoints",
+                     "adv_steps"):
             if getattr(cfg, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-        for name in ("warmup_steps", "eval_every", "max_steps", "workers", "grad_clip", "weight_decay"):
+        for name in ("warmup_steps", "eval_every", "max_steps", "workers", "grad_clip", "weight_decay", "adv_eps",
+                     "adv_start"):
             if getattr(cfg, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
         if not cfg.lr > 0:
@@ -280,8 +290,33 @@ class Trainer:
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = self.model.preprocess.normalize(batch.images.to(self.device, non_blocking=True))
         tokens = self.model.tokenizer(batch.captions).to(self.device, non_blocking=True)
-        out = self.net(images, tokens)
-        return out[0].float(), out[1].float(), out[2]
+        return self.net(images, tokens)
+
+    def _adversarial(self, batch: Batch, j: int) -> Batch:
+        """The batch with its images moved within an L-inf ball of radius ``adv_eps`` to raise this process's
+        contrastive loss (PGD from a random start; one step is "fast" adversarial training).
+
+        Training on these makes the image tower robust, so its input gradients change what a picture shows rather
+        than adding imperceptible texture: what CLIP guidance needs.
+        """
+        cfg, clip = self.cfg, self.model.clip
+        eps, images = cfg.adv_eps, batch.images.to(self.device)
+        with torch.no_grad(), self._autocast():
+            tokens = self.model.tokenizer(batch.captions).to(self.device)
+            text = F.normalize(clip.encode_text(tokens).float(), dim=-1)
+        pos = positives(batch.facts, batch.claims).to(self.device) if cfg.multi_positive else None
+        scale = self.model.logit_scale.detach()
+        generator = torch.Generator(self.device).manual_seed(((cfg.seed * 1_000_003 + self.step) * 131 + j) % 2**63)
+        delta = (torch.rand(images.shape, generator=generator, device=self.device) * 2 - 1) * eps
+        for _ in range(cfg.adv_steps):
+            delta.requires_grad_(True)
+            with self._autocast():
+                pixels = self.model.preprocess.normalize((images + delta).clamp(0, 1))
+                features = F.normalize(clip.encode_image(pixels).float(), dim=-1)
+                loss = self.attack_loss(features, text, scale, positives=pos)["contrastive_loss"]
+            grad, = torch.autograd.grad(loss, delta)
+            delta = (delta.detach() + 1.25 * eps / cfg.adv_steps * grad.sign()).clamp(-eps, eps)
+        return replace(batch, images=(images + delta).clamp(0, 1))
 
     def _positives(self, batches: list[Batch]) -> torch.Tensor | None:
         if not self.cfg.multi_positive:
@@ -303,6 +338,8 @@ class Trainer:
 
     def _train_step(self, batches: list[Batch]) -> float:
         """One optimiser step over ``accum_steps`` micro-batches; returns the loss of the whole effective batch."""
+        if self.cfg.adv_eps and self.step >= self.cfg.adv_start:
+            batches = [self._adversarial(b, j) for j, b in enumerate(batches)]
         pos = self._positives(batches)
         if len(batches) == 1:
             with self._autocast():

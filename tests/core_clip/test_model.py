@@ -154,3 +154,31 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither an open_clip model folder"):
         core_clip.load(str(tmp_path / "empty"))
+
+
+def test_saved_files_get_the_usual_permissions(tiny_model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tiny_model.save(tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(path.with_suffix(".json").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_training_forward_gives_open_clip_features_and_gradients(tiny_model):
+    model = core_clip.load("shapes-tiny", device="cpu")
+    pixels = torch.randn(3, 3, 64, 64)
+    tokens = model.tokenize(["a red circle", "a small blue square on the left", "x"])
+
+    def grads(forward):
+        model.zero_grad()
+        image, text, scale = forward()
+        (scale * image @ text.T).log_softmax(-1).diagonal().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = grads(lambda: model(pixels, tokens))
+    reference = grads(lambda: model.clip(pixels, tokens)[:3])
+    assert ours.keys() == reference.keys()
+    for name in ours:  # the same math on shorter sequences: fp32 sums differ only in order
+        assert (ours[name] - reference[name]).norm() <= 1e-5 * reference[name].norm() + 1e-7, name

@@ -149,3 +149,36 @@ def test_cli_train_json(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["out"] == str(out / "model.safetensors")
     core_clip.load(result["out"], device="cpu")
+
+
+def test_adversarial_images_stay_in_the_ball_raise_the_loss_and_are_reproducible(tmp_path):
+    from core_clip.loss import ClipLoss
+
+    trainer = Trainer(_cfg(tmp_path, adv_eps=0.03, adv_steps=2, augment=False))
+    batch = next(trainer._batches(epoch=0, start_step=0))[0]
+    attacked = trainer._adversarial(batch, 0)
+    delta = attacked.images - batch.images
+    assert delta.abs().max() <= 0.03 + 1e-6 and delta.abs().max() > 0.02
+    assert attacked.images.min() >= 0 and attacked.images.max() <= 1
+    assert torch.equal(trainer._adversarial(batch, 0).images, attacked.images)
+    assert not torch.equal(trainer._adversarial(batch, 1).images, attacked.images)
+
+    def loss(images):
+        with torch.no_grad():
+            model = trainer.model
+            img = model.clip.encode_image(model.preprocess.normalize(images))
+            txt = model.clip.encode_text(model.tokenizer(batch.captions))
+            img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+            return ClipLoss()(img, txt, model.logit_scale)["contrastive_loss"].item()
+
+    assert loss(attacked.images) > loss(batch.images)
+
+
+def test_fine_tuning_a_saved_model_with_a_locked_image_tower(tmp_path, tiny_model):
+    start = tiny_model.save(tmp_path / "start.safetensors")
+    tuned = train(_cfg(tmp_path, model=str(start), lock_image=True, max_steps=2))
+    before = core_clip.load(str(start), device="cpu").clip.state_dict()
+    after = tuned.clip.state_dict()
+    visual = [k for k in before if k.startswith("visual.")]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)
+    assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
