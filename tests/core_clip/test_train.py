@@ -182,3 +182,18 @@ def test_fine_tuning_a_saved_model_with_a_locked_image_tower(tmp_path, tiny_mode
     visual = [k for k in before if k.startswith("visual.")]
     assert visual and all(torch.equal(before[k], after[k]) for k in visual)
     assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
+
+
+def test_torchrun_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    flags = ["--data", "shapes", "--model", "shapes-tiny", "--samples-per-epoch", "64", "--max-steps", "2",
+             "--warmup-steps", "1", "--no-progress", "--device", "cpu", "--eval-every", "0", "--eval-samples", "16"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "core_clip.train", "--out", str(tmp_path / "two"), "--batch-size", "8", *flags],
+                   check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, "-m", "core_clip.train", "--out", str(tmp_path / "one"), "--batch-size", "16",
+                    *flags], check=True, env=env, timeout=300, capture_output=True)
+    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert two.keys() == one.keys() == {1, 2}
+    assert two[1] == pytest.approx(one[1], abs=1e-5)  # the same 16 samples, gathered across ranks
+    assert two[2] == pytest.approx(one[2], abs=1e-3)  # after one AdamW update from DDP-averaged gradients
