@@ -27,7 +27,7 @@ import torch
 from open_clip_train.train import train_one_epoch
 
 from core_clip.data import Batch
-from core_clip.train import TrainConfig, Trainer, _param_groups
+from core_clip.train import TrainConfig, Trainer, param_groups
 
 CAPTIONS = ["a red circle", "a small blue square on the left", "a photo of a large green triangle",
             "a yellow circle on a purple background", "the digit seven", "a handwritten 3"]
@@ -91,7 +91,7 @@ def main() -> None:
     # open_clip_train side: normalised pixels and token ids prepared up front, as its data pipeline delivers them
     loader = _Loader((ours.model.preprocess.normalize(b.images), ours.model.tokenizer(b.captions).to(device))
                      for b in batches)
-    optimizer = torch.optim.AdamW(_param_groups(theirs_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+    optimizer = torch.optim.AdamW(param_groups(theirs_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     oc_precision = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[args.precision]

@@ -26,7 +26,6 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, load_strict, read_state_dict
@@ -120,7 +119,8 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices; none on gains, biases, other 1-d parameters or the temperature."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -210,7 +210,7 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
-        self.optimizer = torch.optim.AdamW(_param_groups(clip, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+        self.optimizer = torch.optim.AdamW(param_groups(clip, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
                                            eps=1e-6)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         loss_kwargs = dict(rank=self.dist.rank, world_size=self.dist.world_size)
@@ -221,7 +221,7 @@ class Trainer:
         self.step = 0
         if cfg.resume:
             self._resume()
-        elif self.dist.main and (self.out / CHECKPOINTS).exists():
+        elif (self.out / CHECKPOINTS).exists():  # checked on every rank, so none is left waiting
             raise TrainError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose a new --out")
 
     def _validate(self) -> None:
@@ -299,20 +299,18 @@ class Trainer:
         Training on these makes the image tower robust, so its input gradients change what a picture shows rather
         than adding imperceptible texture: what CLIP guidance needs.
         """
-        cfg, clip = self.cfg, self.model.clip
+        cfg, model = self.cfg, self.model
         eps, images = cfg.adv_eps, batch.images.to(self.device)
-        with torch.no_grad(), self._autocast():
-            tokens = self.model.tokenizer(batch.captions).to(self.device)
-            text = F.normalize(clip.encode_text(tokens).float(), dim=-1)
+        with self._autocast():
+            text = model.encode_text(batch.captions)
         pos = positives(batch.facts, batch.claims).to(self.device) if cfg.multi_positive else None
-        scale = self.model.logit_scale.detach()
+        scale = model.logit_scale.detach()
         generator = torch.Generator(self.device).manual_seed(((cfg.seed * 1_000_003 + self.step) * 131 + j) % 2**63)
         delta = (torch.rand(images.shape, generator=generator, device=self.device) * 2 - 1) * eps
         for _ in range(cfg.adv_steps):
             delta.requires_grad_(True)
             with self._autocast():
-                pixels = self.model.preprocess.normalize((images + delta).clamp(0, 1))
-                features = F.normalize(clip.encode_image(pixels).float(), dim=-1)
+                features = model.encode_image(model.preprocess.normalize((images + delta).clamp(0, 1)), grad=True)
                 loss = self.attack_loss(features, text, scale, positives=pos)["contrastive_loss"]
             grad, = torch.autograd.grad(loss, delta)
             delta = (delta.detach() + 1.25 * eps / cfg.adv_steps * grad.sign()).clamp(-eps, eps)

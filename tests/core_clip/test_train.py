@@ -197,3 +197,12 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch(tmp_path):
     assert two.keys() == one.keys() == {1, 2}
     assert two[1] == pytest.approx(one[1], abs=1e-5)  # the same 16 samples, gathered across ranks
     assert two[2] == pytest.approx(one[2], abs=1e-3)  # after one AdamW update from DDP-averaged gradients
+
+
+def test_gradient_checkpointing_keeps_the_gradients_and_bf16_trains(tmp_path):
+    _, plain = _first_step_gradients(_cfg(tmp_path / "a", augment=False))
+    _, checkpointed = _first_step_gradients(_cfg(tmp_path / "b", augment=False, grad_checkpointing=True))
+    for name in plain:
+        assert (plain[name] - checkpointed[name]).norm() <= 1e-5 * plain[name].norm() + 1e-8, name
+    loss, grads = _first_step_gradients(_cfg(tmp_path / "c", augment=False, precision="bf16"))
+    assert 0 < loss < 10 and all(torch.isfinite(g).all() for g in grads.values())
