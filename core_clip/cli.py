@@ -131,9 +131,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_fields) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import TrainConfig, config_fields, train
+    from .train import TrainConfig, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in config_fields()})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if args.json:
         cfg.progress = False
     model = train(cfg)
@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="contrastive training (also: torchrun ... -m core_clip.train)",
                        description="Train or fine-tune a CLIP on image-caption pairs.")
     p.set_defaults(fn=cmd_train)
-    from .train import config_fields
+    from .train import TrainConfig
 
-    add_dataclass_flags(p, config_fields())
+    add_dataclass_flags(p, dataclasses.fields(TrainConfig))
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
     p = command("eval", cmd_eval, "zero-shot accuracy and retrieval R@1/5/10 on a dataset")

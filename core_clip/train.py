@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -444,11 +444,6 @@ class Trainer:
 def train(cfg: TrainConfig) -> ClipModel:
     """Run (or resume) training; returns the trained model, also saved as ``OUT/model.safetensors``."""
     return Trainer(cfg).run()
-
-
-def config_fields() -> list:
-    """The :class:`TrainConfig` fields, for building command-line flags."""
-    return list(fields(TrainConfig))
 
 
 if __name__ == "__main__":  # torchrun ... -m core_clip.train ARGS: the same flags as `core-clip train`
