@@ -1,1 +1,20 @@
-"""clipguide: turn CLIP similarity into losses and gradients that steer image generators."""
+"""clipguide: turn CLIP similarity into losses and gradients that steer image generators.
+
+    import clipguide
+    result = clipguide.guide("a red circle on a blue background", backend="pixels", seed=0)
+    result.image.save("circle.png")
+
+    g = clipguide.CLIPGuidance("a red circle | blurry:-0.5", perceptor="shapes", cutn=16)
+    loss = g.loss(images)          # images [B, 3, H, W] in [0, 1], differentiable
+"""
+from .errors import ClipguideError, GuidanceError, PromptError, UnknownNameError
+from .generators import GENERATORS
+from .guidance import CLIPGuidance, GuidanceConfig
+from .guide import GuideResult, guide
+from .perceptor import Perceptor
+from .prompts import Prompt, parse_prompts
+
+__all__ = [
+    "CLIPGuidance", "ClipguideError", "GENERATORS", "GuidanceConfig", "GuidanceError", "GuideResult", "Perceptor",
+    "Prompt", "PromptError", "UnknownNameError", "guide", "parse_prompts",
+]

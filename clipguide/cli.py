@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core_clip import DEFAULT_MODEL, CoreClipError, load
-from core_clip.cli import OneLineParser, emit, run
+from core_clip.cli import OneLineParser, emit, positive_int, run
 from core_clip.data import read_pairs_csv
 from core_clip.score import score_embeddings
 
@@ -36,9 +36,73 @@ def cmd_score(args) -> None:
          [f"{r['clip_score']:8.4f}  {r['image']}  {r['caption']!r}" for r in rows] + [f"{mean:8.4f}  mean"])
 
 
+def cmd_generate(args) -> None:
+    from .guide import DEFAULT_STEPS, guide
+
+    out = Path(args.out)
+    result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps or DEFAULT_STEPS,
+                   size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
+                   image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
+                   progress=not args.json, device=args.device,
+                   **({"cutn": args.cutn} if args.cutn else {}),
+                   backend_options={"lr": args.lr} if args.lr else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                                   for i in range(len(result.images))]
+    for image, path in zip(result.images, paths):
+        image.save(path)
+    emit({"out": str(paths[0]), "outs": [str(p) for p in paths], "clip_score": round(result.clip_score[0], 4),
+          "clip_scores": [round(s, 4) for s in result.clip_score], "seconds": round(result.seconds, 3),
+          "steps": result.steps, "backend": args.backend, "seed": args.seed, "clip": args.clip,
+          "loss": round(result.losses[-1]["total"], 6)},
+         args.json,
+         [f"{p}  clip_score {s:.2f}" for p, s in zip(paths, result.clip_score)]
+         + [f"{result.steps} steps in {result.seconds:.1f} s ({args.backend}, seed {args.seed})"])
+
+
+def _seed(value: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return seed
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="clipguide", description="Steer image generators with CLIP.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("generate", help="make an image from a prompt")
+    p.set_defaults(fn=cmd_generate)
+    p.add_argument("prompt", help='"text:weight:stop | text:weight ..." (negative weights push away)')
+    p.add_argument("--negative", action="append", default=[], metavar="TEXT", help="prompt to push away from")
+    p.add_argument("--image-prompt", action="append", default=[], metavar="PATH",
+                   help="image whose CLIP embedding is a target (PATH:weight:stop)")
+    p.add_argument("--init-image", metavar="PATH", help="start from this image")
+    p.add_argument("--backend", default="pixels", help="generator backend (pixels, fourier, ...)")
+    p.add_argument("--clip", default=DEFAULT_MODEL, help="CLIP model name or path (see core_clip.load)")
+    p.add_argument("--steps", type=positive_int, help="optimisation or sampling steps")
+    p.add_argument("--size", default="64", metavar="W[xH]", help="output size in pixels")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--cutn", type=positive_int, help="cutouts per image and step")
+    p.add_argument("--batch", type=positive_int, default=1, help="images made at once (OUT_0.png, OUT_1.png, ...)")
+    p.add_argument("--lr", type=_positive_float, help="learning rate of optimisation backends")
+    p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
+    p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
     p = sub.add_parser("score", help="CLIP score of images against a prompt or their captions")
     p.set_defaults(fn=cmd_score)

@@ -1,0 +1,102 @@
+"""The generator plugin contract and the optimisation loop that parameterised backends share.
+
+A generator turns its own parameters into images [B, 3, H, W] in [0, 1]. Every backend exposes
+
+    sample(guidance, steps, generator, callback) -> images [B, 3, H, W]
+
+so ``guide()`` never branches on the kind of backend. Optimisation backends (pixels, fourier, vqgan) subclass
+:class:`OptimisedGenerator`, which implements ``sample`` as Adam on ``parameters()`` through ``decode()``;
+sampling backends (diffusion) implement ``sample`` themselves.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ClipguideError, GuidanceError
+from ..guidance import CLIPGuidance
+from ..registry import Registry
+
+GENERATORS: Registry[type] = Registry("generator")
+
+# callback(step, losses, images): step counts from 1, losses are batch means, images [B, 3, H, W] in [0, 1] (detached)
+StepCallback = Callable[[int, dict, torch.Tensor], None]
+
+
+class _ClampWithGrad(torch.autograd.Function):
+    """Clamp to [0, 1] whose gradient still flows where it would move a clipped value back into range (a hard clamp
+    would freeze any parameter that overshoots)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, = ctx.saved_tensors
+        # descending -grad moves x down when grad > 0: allowed unless already below 0, and vice versa
+        return grad * ((x >= 0) & (x <= 1) | ((x < 0) & (grad < 0)) | ((x > 1) & (grad > 0))).to(grad.dtype)
+
+
+def clamp_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x.clamp(0, 1)`` in value; the gradient passes wherever following it leads back into [0, 1]."""
+    return _ClampWithGrad.apply(x)
+
+
+def check_size(batch: int, height: int, width: int) -> None:
+    for name, value in (("batch", batch), ("height", height), ("width", width)):
+        if not isinstance(value, int) or value < 1:
+            raise ClipguideError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_init(init: Optional[torch.Tensor], batch: int, height: int, width: int) -> None:
+    """``init`` must be None or float [1 or B, 3, height, width] in [0, 1]."""
+    if init is None:
+        return
+    if init.ndim != 4 or init.shape[0] not in (1, batch) or tuple(init.shape[1:]) != (3, height, width):
+        raise ClipguideError(f"init image must be [1 or {batch}, 3, {height}, {width}], got {tuple(init.shape)}")
+
+
+class OptimisedGenerator(nn.Module):
+    """A backend whose images are a differentiable function of its parameters, optimised with Adam.
+
+    Subclasses set ``self.lr`` and implement :meth:`decode`.
+    """
+
+    lr: float
+
+    def decode(self) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1], differentiable with respect to ``parameters()``."""
+        raise NotImplementedError
+
+    def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
+               callback: Optional[StepCallback] = None) -> torch.Tensor:
+        """Minimise ``guidance.loss(decode())`` for ``steps`` Adam steps (fewer if every prompt reaches its stop).
+
+        ``generator`` is unused here: the parameters were drawn at construction and the guidance owns the cutouts'
+        randomness. Raises :class:`GuidanceError` naming the step if the loss or a gradient stops being finite.
+        """
+        if not isinstance(steps, int) or steps < 1:
+            raise ClipguideError(f"steps must be a positive integer, got {steps!r}")
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        for step in range(1, steps + 1):
+            images = self.decode()
+            terms = guidance.per_image(images)
+            loss = terms["total"].sum()
+            if not torch.isfinite(loss):
+                raise GuidanceError(f"guidance loss became {loss.item()} at step {step}; try a lower learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                raise GuidanceError(f"non-finite gradient at step {step}; try a lower learning rate")
+            optimizer.step()
+            if callback is not None:
+                callback(step, guidance.summary(terms), images.detach())
+            if guidance.done():
+                break
+        with torch.no_grad():
+            return self.decode()

@@ -1,0 +1,192 @@
+"""``guide()``: one call from prompts to pictures, over any registered generator backend."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from core_clip.preprocess import Images, as_image_batch, open_image
+
+from .errors import ClipguideError
+from .generators import GENERATORS
+from .guidance import CLIPGuidance, PromptsLike, as_prompts
+from .perceptor import ModelSpec, Perceptor
+from .prompts import Prompt, negative_prompts, parse_prompts
+
+DEFAULT_STEPS = 100
+
+
+@dataclass
+class GuideResult:
+    """What :func:`guide` made.
+
+    image: the first image; images: every image of the batch (PIL, RGB); tensor: float [B, 3, H, W] in [0, 1];
+    losses: one dict per step run (batch means: "total", one entry per prompt, one per regulariser);
+    clip_score: per image, ``100 * max(cos, 0)`` against the positive prompts' targets under the first perceptor model
+    (averaged over those prompts); steps: optimisation / sampling steps actually run; seconds: wall time.
+    """
+
+    image: Image.Image
+    images: list[Image.Image]
+    tensor: torch.Tensor
+    losses: list[dict]
+    clip_score: list[float]
+    steps: int
+    seconds: float
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """float [B, 3, H, W] in [0, 1] -> B PIL RGB images (rounded to uint8)."""
+    array = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def parse_size(size: Union[int, str, Sequence[int]]) -> tuple[int, int]:
+    """64, "64", "96x64" or (96, 64) -> (width, height); anything else or a non-positive side -> ClipguideError."""
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise ClipguideError(f"size must be W or WxH with positive integers, got {size!r}")
+        size = [int(p) for p in parts]
+    sides = [size] * 2 if isinstance(size, int) else list(size)
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ClipguideError(f"size must be a positive integer or (width, height), got {size!r}")
+    return sides[0], sides[1]
+
+
+def _init_tensor(init_image: Union[str, os.PathLike, Images, None], width: int, height: int,
+                 device: torch.device) -> Optional[torch.Tensor]:
+    if init_image is None:
+        return None
+    if isinstance(init_image, (str, os.PathLike)):
+        init_image = open_image(init_image)
+    x = as_image_batch(init_image)[:1].float().to(device)
+    if tuple(x.shape[-2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
+
+
+class _Frames:
+    """Writes frame_NNNNN.png of the first image every ``every`` steps, and frames.mp4 at the end when
+    imageio-ffmpeg is installed."""
+
+    def __init__(self, folder: Union[str, os.PathLike], every: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.every = every
+        self.paths: list[Path] = []
+
+    def __call__(self, step: int, images: torch.Tensor) -> None:
+        if step % self.every == 0:
+            path = self.folder / f"frame_{step:05d}.png"
+            to_pil(images[:1])[0].save(path)
+            self.paths.append(path)
+
+    def finish(self) -> Optional[Path]:
+        if not self.paths or importlib.util.find_spec("imageio_ffmpeg") is None:
+            return None
+        import imageio.v2 as imageio
+
+        video = self.folder / "frames.mp4"
+        with imageio.get_writer(video, fps=24, codec="libx264", macro_block_size=1) as writer:
+            for path in self.paths:
+                writer.append_data(np.asarray(Image.open(path)))
+        return video
+
+
+def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpec, Sequence[ModelSpec], Perceptor] = "shapes",
+          steps: int = DEFAULT_STEPS, size: Union[int, str, Sequence[int]] = 64, seed: int = 0, batch: int = 1,
+          negative: Union[str, Sequence[str]] = (), image_prompts: Sequence[Union[str, os.PathLike]] = (),
+          init_image: Union[str, os.PathLike, Images, None] = None, backend_options: Optional[dict] = None,
+          callback: Optional[Callable[[int, dict, torch.Tensor], None]] = None,
+          frames: Union[str, os.PathLike, None] = None, frame_every: int = 1, progress: bool = False,
+          device: Union[str, torch.device, None] = None, **guidance_options) -> GuideResult:
+    """Steer ``backend`` towards ``prompts`` with CLIP and return the pictures.
+
+    Args:
+        prompts: "text:weight:stop | text:weight" (see :mod:`clipguide.prompts`), a Prompt, or a list of them.
+        backend: a registered generator ("pixels", "fourier", ...); its own options go in ``backend_options``
+            (for optimisation backends these include ``lr``).
+        clip: perceptor: a core_clip model name / path / ClipModel, a list of them (optionally (model, weight)),
+            or a ready :class:`Perceptor`.
+        steps: optimisation or sampling steps (fewer when every prompt reaches its stop).
+        size: output size: an int (square), "WxH", or (width, height).
+        seed: seeds the backend's start and the cutouts; same seed, settings and device -> the same image.
+        batch: images made at once (each from its own random start).
+        negative: prompts to push away from ("blurry | text:0.5"); their weights are made negative.
+        image_prompts: image files whose CLIP embedding is a target ("path:weight:stop" items).
+        init_image: a file path or image to start from.
+        callback: called after every step as callback(step, losses, images [B, 3, H, W] detached).
+        frames: folder for frame_NNNNN.png every ``frame_every`` steps (and frames.mp4 if imageio-ffmpeg is installed).
+        progress: show a tqdm bar.
+        **guidance_options: fields of :class:`clipguide.guidance.GuidanceConfig` (cutn, cutouts, loss, regularisers...).
+
+    Raises ClipguideError (a ValueError) for bad input and GuidanceError if the loss stops being finite.
+    """
+    start = time.perf_counter()
+    width, height = parse_size(size)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ClipguideError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ClipguideError(f"batch must be a positive integer, got {batch!r}")
+    if frame_every < 1:
+        raise ClipguideError(f"frame_every must be >= 1, got {frame_every}")
+    factory = GENERATORS.get(backend)
+    all_prompts: list[Prompt] = as_prompts(prompts) if prompts else []
+    if negative:
+        all_prompts += negative_prompts(negative)
+    for item in image_prompts:
+        all_prompts += parse_prompts(str(item), kind="image")
+    if not all_prompts:
+        raise ClipguideError("guide needs at least one prompt")
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    perceptor = clip if isinstance(clip, Perceptor) else Perceptor(clip, device=device)
+    guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
+    generator = torch.Generator(perceptor.device).manual_seed(seed)
+    init = _init_tensor(init_image, width, height, perceptor.device)
+    backend_impl = factory(batch, height, width, generator=generator, init=init, **(backend_options or {}))
+
+    history: list[dict] = []
+    writer = _Frames(frames, frame_every) if frames is not None else None
+    bar = tqdm(total=steps, desc=f"guide {backend}", disable=not progress, leave=False)
+
+    def on_step(step: int, losses: dict, images: torch.Tensor) -> None:
+        history.append(losses)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['total']:.4f}")
+        if writer is not None:
+            writer(step, images)
+        if callback is not None:
+            callback(step, losses, images)
+
+    try:
+        images = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
+    finally:
+        bar.close()
+    if writer is not None:
+        writer.finish()
+    return GuideResult(image=to_pil(images[:1])[0], images=to_pil(images), tensor=images.cpu(), losses=history,
+                       clip_score=_clip_scores(guidance, images), steps=len(history),
+                       seconds=time.perf_counter() - start)
+
+
+def _clip_scores(guidance: CLIPGuidance, images: torch.Tensor) -> list[float]:
+    """Per image: mean over positive prompts of 100 * max(cos, 0) under the first perceptor model."""
+    model = guidance.perceptor.members[0].model
+    positive = guidance.weights > 0
+    if not positive.any():
+        return [0.0] * len(images)
+    cos = model.embed_images(images).float() @ guidance.targets[0][positive].T
+    return (100 * cos.clamp(min=0).mean(dim=1)).tolist()

@@ -1,0 +1,61 @@
+"""`clipguide generate`: the DESIGN.md contract (one JSON line, exit 2 with one line on bad input)."""
+import json
+
+import pytest
+from PIL import Image
+
+from clipguide.cli import main
+from core_clip import shapes
+
+
+def generate(capsys, *args):
+    try:
+        code = main(["generate", *args])
+    except SystemExit as e:  # argparse's own argument errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_contract(capsys, tmp_path):
+    out_path = tmp_path / "sub" / "img.png"
+    code, out, err = generate(capsys, "a red circle on a blue background", "--steps", "2", "--size", "48x32",
+                              "--cutn", "2", "--seed", "3", "--out", str(out_path), "--json")
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert {"out", "clip_score", "seconds", "steps", "backend", "seed"} <= set(report)
+    assert report["out"] == str(out_path) and report["steps"] == 2 and report["seed"] == 3
+    assert report["backend"] == "pixels" and 0 <= report["clip_score"] <= 100
+    assert Image.open(out_path).size == (48, 32)
+
+
+def test_generate_batch_writes_numbered_files(capsys, tmp_path):
+    code, out, err = generate(capsys, "a red circle", "--steps", "1", "--cutn", "1", "--batch", "2",
+                              "--out", str(tmp_path / "x.png"), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["outs"] == [str(tmp_path / "x_0.png"), str(tmp_path / "x_1.png")]
+    assert all((tmp_path / f"x_{i}.png").is_file() for i in range(2))
+
+
+def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
+    for name in ("a", "b"):
+        assert generate(capsys, "a green square", "--steps", "2", "--cutn", "2", "--out", str(tmp_path / f"{name}.png"))[0] == 0
+    assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--backend", "nope"], "unknown generator 'nope'"),
+    (["--size", "0"], "size"),
+    (["--size", "big"], "size"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-3"], "--steps"),
+    (["--image-prompt", "/no/such.png"], "image prompt not found"),
+    (["--init-image", "/no/such.png"], "not found"),
+    (["--clip", "no-such-model"], "no-such-model"),
+    (["--seed", "-1"], "--seed"),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
+    code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and match in err
+    assert not (tmp_path / "x.png").exists()
