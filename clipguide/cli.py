@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core_clip import DEFAULT_MODEL, CoreClipError, load
-from core_clip.cli import OneLineParser, emit, positive_int, run
+from core_clip.cli import OneLineParser, emit, int_at_least, positive_int, run
 from core_clip.data import read_pairs_csv
 from core_clip.score import score_embeddings
 
@@ -60,16 +60,6 @@ def cmd_generate(args) -> None:
          + [f"{result.steps} steps in {result.seconds:.1f} s ({args.backend}, seed {args.seed})"])
 
 
-def _seed(value: str) -> int:
-    try:
-        seed = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return seed
-
-
 def _positive_float(value: str) -> float:
     try:
         x = float(value)
@@ -95,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=DEFAULT_MODEL, help="CLIP model name or path (see core_clip.load)")
     p.add_argument("--steps", type=positive_int, help="optimisation or sampling steps")
     p.add_argument("--size", default="64", metavar="W[xH]", help="output size in pixels")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0)
     p.add_argument("--cutn", type=positive_int, help="cutouts per image and step")
     p.add_argument("--batch", type=positive_int, default=1, help="images made at once (OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--lr", type=_positive_float, help="learning rate of optimisation backends")

@@ -30,14 +30,20 @@ def _labels(value: str) -> list[str]:
     return labels
 
 
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum``, else an error saying "expected <what>"."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
 
 
 def emit(result: dict, as_json: bool, lines: Sequence[str]) -> None:

@@ -85,3 +85,25 @@ def test_generators_reject_bad_sizes(name, kwargs, match):
 def test_pixels_rejects_bad_resolution():
     with pytest.raises(ClipguideError, match="resolution"):
         Pixels(1, 8, 8, generator=gen(), resolution=0)
+
+
+def test_pixels_palette_mixes_its_colours_with_crisp_regions():
+    backend = Pixels(2, 32, 32, generator=gen(), colors=3, resolution=8, sharpness=50.0)
+    images = backend.decode()
+    palette = backend.palette.detach().clamp(0, 1)                           # [2, 3 colours, 3 channels]
+    # every pixel is a convex mix of its image's palette; with a high sharpness almost all are one colour
+    dist = torch.cdist(images.permute(0, 2, 3, 1).reshape(2, -1, 3), palette)  # [2, H*W, 3]
+    assert (dist.min(dim=-1).values < 0.02).float().mean() > 0.9
+
+
+def test_pixels_palette_init_starts_on_the_init_images_colours():
+    init = torch.zeros(1, 3, 32, 32)
+    init[:, 0, 8:24, 8:24] = 1.0                                              # red square on black
+    out = Pixels(1, 32, 32, generator=gen(), init=init, colors=2, resolution=16, sharpness=100.0).decode()
+    assert torch.allclose(out[..., 12:20, 12:20], init[..., 12:20, 12:20], atol=1e-3)
+    assert torch.allclose(out[..., :4, :4], init[..., :4, :4], atol=1e-3)
+
+
+def test_pixels_rejects_bad_palette():
+    with pytest.raises(ClipguideError, match="colors"):
+        Pixels(1, 8, 8, generator=gen(), colors=1)

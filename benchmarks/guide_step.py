@@ -1,0 +1,111 @@
+"""Milliseconds per guide step (cutouts + augment + CLIP forward + backward + Adam update), with peak memory.
+
+Two configurations, each timed for clipguide's batched step and for the VQGAN+CLIP notebooks' step (a Python loop
+that slices and resizes one cutout at a time, then the same augmentations, CLIP, loss and update) in one process,
+printing the ratio:
+
+    (a) the shipped `shapes` CLIP, 64 px image, cutn 16
+    (b) random-init ViT-B-32, 224 px image (from a 256 px canvas), cutn 32
+
+    python benchmarks/guide_step.py                  # both, on CUDA when available
+    python benchmarks/guide_step.py --only a --steps 50 --device cpu
+
+Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak resident set size after each run
+(it only grows, so read each figure as "at most").
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+import core_clip
+from clipguide import CLIPGuidance, Perceptor
+from clipguide.cutouts import ClassicCutouts
+from clipguide.generators import GENERATORS
+
+
+def notebook_cutouts(images: torch.Tensor, cutn: int, size: int, generator: torch.Generator, min_size: float):
+    """The notebooks' MakeCutouts: one random square per cut, sliced and resized in a Python loop."""
+    side = min(images.shape[-2:])
+    cuts = []
+    for _ in range(cutn):
+        u = torch.rand(3, generator=generator, device=images.device).tolist()
+        s = int(side * (min_size + (1 - min_size) * u[0]))
+        x0, y0 = int(u[1] * (images.shape[-1] - s + 1)), int(u[2] * (images.shape[-2] - s + 1))
+        cuts.append(F.adaptive_avg_pool2d(images[:, :, y0:y0 + s, x0:x0 + s], size))
+    return torch.cat(cuts)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(guidance: CLIPGuidance, canvas: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """ms per step and peak MiB of ``steps`` Adam steps of a pixels backend under ``guidance`` (after 2 warm-ups)."""
+    backend = GENERATORS.get("pixels")(1, canvas, canvas, generator=torch.Generator(device).manual_seed(0),
+                                       resolution=None)
+    optimizer = torch.optim.Adam(backend.parameters(), lr=0.05)
+
+    def step():
+        loss = guidance.loss(backend.decode())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return 1000 * (time.perf_counter() - start) / steps, _peak_mib(device)
+
+
+def run(label: str, model: core_clip.ClipModel, canvas: int, cutn: int, steps: int, device: torch.device) -> None:
+    perceptor = Perceptor(model)
+    ours = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
+    loop = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
+    min_size = ours.config.cutout_options.get("min_size", ClassicCutouts.min_size)
+    loop.cutouts = lambda images, n, size, generator: notebook_cutouts(images, n, size, generator, min_size)
+    ms_loop, mem_loop = time_steps(loop, canvas, steps, device)
+    ms_ours, mem_ours = time_steps(ours, canvas, steps, device)
+    print(f"{label}: notebook loop {ms_loop:8.1f} ms/step (peak {mem_loop:7.0f} MiB) | clipguide {ms_ours:8.1f} "
+          f"ms/step (peak {mem_ours:7.0f} MiB) | speed-up {ms_loop / ms_ours:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["a", "b"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {args.steps} timed steps after 2 warm-ups")
+    if args.only in (None, "a"):
+        run("(a) shapes     64 px cutn 16", core_clip.load("shapes", device=device), 64, 16, args.steps, device)
+    if args.only in (None, "b"):
+        run("(b) ViT-B-32  224 px cutn 32", core_clip.load("ViT-B-32", device=device), 256, 32, args.steps, device)
+
+
+if __name__ == "__main__":
+    main()
