@@ -83,7 +83,7 @@ def run(label: str, model: core_clip.ClipModel, canvas: int, cutn: int, steps: i
     perceptor = Perceptor(model)
     ours = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
     loop = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
-    min_size = ours.config.cutout_options.get("min_size", ClassicCutouts.min_size)
+    min_size = ClassicCutouts().min_size
     loop.cutouts = lambda images, n, size, generator: notebook_cutouts(images, n, size, generator, min_size)
     ms_loop, mem_loop = time_steps(loop, canvas, steps, device)
     ms_ours, mem_ours = time_steps(ours, canvas, steps, device)

@@ -44,7 +44,7 @@ def cmd_generate(args) -> None:
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
                    progress=not args.json, device=args.device,
-                   **({"cutn": args.cutn} if args.cutn else {}),
+                   **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts)) if v},
                    backend_options={"lr": args.lr} if args.lr else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="64", metavar="W[xH]", help="output size in pixels")
     p.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0)
     p.add_argument("--cutn", type=positive_int, help="cutouts per image and step")
+    p.add_argument("--loss", help="embedding loss (spherical, cosine, ...)")
+    p.add_argument("--cutouts", help="cutout scheme (classic, pooled, disco, ...)")
     p.add_argument("--batch", type=positive_int, default=1, help="images made at once (OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--lr", type=_positive_float, help="learning rate of optimisation backends")
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")

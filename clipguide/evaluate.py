@@ -1,6 +1,6 @@
 """Does guidance draw what the prompt says? ShapesWorld prompts judged by the analytic oracle, never by CLIP.
 
-    python -m clipguide.evaluate --backend pixels            # 24 seen colour-shape pairs x 2 backgrounds
+    python -m clipguide.evaluate --backend pixels            # the 21 seen colour-shape pairs x 2 backgrounds
     python -m clipguide.evaluate --backend pixels --held-out # the 3 held-out pairs x 2 backgrounds
 
 Each prompt is "a {color} {shape} on a {background} background"; an image is fully right when the oracle reads
@@ -70,9 +70,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--held-out", action="store_true", help="the held-out colour-shape pairs")
     parser.add_argument("--backgrounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--backend-options", type=json.loads, default=None, metavar="JSON",
+                        help='options of the backend, e.g. \'{"colors": 2}\'')
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     options = {"steps": args.steps} if args.steps else {}
+    if args.backend_options:
+        options["backend_options"] = args.backend_options
     start = time.perf_counter()
     report = evaluate(cases(args.held_out, args.backgrounds), backend=args.backend, clip=args.clip, **options)
     if args.json:

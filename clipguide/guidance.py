@@ -43,7 +43,7 @@ class GuidanceConfig:
 
     cutn: int = 16                      # cutouts per image and perceptor model
     cutouts: str = "classic"            # cutout scheme (clipguide.cutouts.CUTOUTS)
-    cutout_options: dict = field(default_factory=lambda: {"min_size": 0.8})  # keyword options of the scheme
+    cutout_options: dict = field(default_factory=dict)  # keyword options of the scheme (its dataclass fields)
     augment: Augment = field(default_factory=default_augment)
     loss: str = "spherical"             # embedding loss (clipguide.losses.EMBEDDING_LOSSES)
     regularisers: dict = field(default_factory=dict)  # image loss name -> weight (clipguide.losses.IMAGE_LOSSES)

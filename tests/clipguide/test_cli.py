@@ -29,6 +29,12 @@ def test_generate_json_contract(capsys, tmp_path):
     assert Image.open(out_path).size == (48, 32)
 
 
+def test_generate_loss_and_cutouts_flags(capsys, tmp_path):
+    code, out, err = generate(capsys, "a red circle", "--steps", "1", "--cutn", "2", "--loss", "cosine",
+                              "--cutouts", "disco", "--out", str(tmp_path / "x.png"), "--json")
+    assert code == 0, err
+
+
 def test_generate_batch_writes_numbered_files(capsys, tmp_path):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--cutn", "1", "--batch", "2",
                               "--out", str(tmp_path / "x.png"), "--json")
@@ -45,6 +51,8 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--backend", "nope"], "unknown generator 'nope'"),
+    (["--loss", "nope"], "unknown embedding loss 'nope'"),
+    (["--cutouts", "nope"], "unknown cutout scheme 'nope'"),
     (["--size", "0"], "size"),
     (["--size", "big"], "size"),
     (["--steps", "0"], "--steps"),

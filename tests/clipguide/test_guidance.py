@@ -11,7 +11,7 @@ from clipguide.prompts import noise_target
 from core_clip.preprocess import as_image_batch
 
 # One cut that is the image itself: "pooled" at the image's own size is the identity, and Augment() does nothing.
-EXACT = dict(cutn=1, cutouts="pooled", cutout_options={}, augment=Augment())
+EXACT = dict(cutn=1, cutouts="pooled", augment=Augment())
 
 
 def images(batch=2, seed=0):

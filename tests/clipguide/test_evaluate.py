@@ -1,0 +1,52 @@
+"""The ShapesWorld guidance evaluation: its cases, and that the oracle (never CLIP) judges the pictures."""
+import torch
+
+from clipguide import evaluate as ev
+from clipguide.guide import GuideResult, to_pil
+from core_clip import shapes
+
+
+def test_seen_cases_cover_every_seen_pair_twice_on_other_backgrounds():
+    # 8 colours x 3 shapes = 24 pairs, 3 of them held out: 21 seen pairs x 2 backgrounds
+    cases = ev.cases()
+    assert len(cases) == 42
+    pairs = [(c.color, c.shape) for c in cases]
+    assert {p: pairs.count(p) for p in pairs} == {p: 2 for p in pairs}
+    assert not set(pairs) & shapes.HELD_OUT
+    assert all(c.background != c.color for c in cases)
+    assert len({(c.color, c.shape, c.background) for c in cases}) == 42
+    assert ev.cases() == cases
+
+
+def test_held_out_cases():
+    cases = ev.cases(held_out=True)
+    assert {(c.color, c.shape) for c in cases} == set(shapes.HELD_OUT) and len(cases) == 6
+
+
+def test_prompt_wording():
+    assert ev.Case("orange", "circle", "white").prompt == "an orange circle on a white background"
+
+
+def _fake_guide(draw_right):
+    def guide(prompt, seed, **kw):
+        case = next(c for c in ev.cases() if c.prompt == prompt)
+        if draw_right:
+            scene = shapes.Scene(case.shape, case.color, case.background, "large", "center")
+            image = torch.from_numpy(shapes.render(scene, 64)).permute(2, 0, 1)[None].float() / 255
+        else:  # the right colours as a half-and-half split: no shape at all
+            image = torch.zeros(1, 3, 64, 64)
+            image[..., :32] = torch.tensor(shapes.COLORS[case.color]).view(3, 1, 1) / 255
+            image[..., 32:] = torch.tensor(shapes.COLORS[case.background]).view(3, 1, 1) / 255
+        return GuideResult(to_pil(image)[0], to_pil(image), image, [], [50.0], 1, 0.1)
+    return guide
+
+
+def test_evaluate_judges_with_the_oracle(monkeypatch):
+    cases = ev.cases()[:4]
+    monkeypatch.setattr(ev, "guide", _fake_guide(draw_right=True))
+    report = ev.evaluate(cases, progress=False)
+    assert report["n"] == 4 and report["all"] == 1.0 and report["shape"] == 1.0
+    monkeypatch.setattr(ev, "guide", _fake_guide(draw_right=False))
+    report = ev.evaluate(cases, progress=False)
+    assert report["all"] == 0.0 and report["shape"] == 0.0
+    assert report["rows"][0]["reading"]["shape"] is None
