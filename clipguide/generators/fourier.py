@@ -43,7 +43,7 @@ class Fourier(OptimisedGenerator):
     """
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
-                 init: Optional[torch.Tensor] = None, decay: float = 1.0, lr: float = 0.05):
+                 init: Optional[torch.Tensor] = None, decay: float = 1.0, lr: float = 0.1):
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
@@ -52,7 +52,10 @@ class Fourier(OptimisedGenerator):
         device = generator.device
         self.size = (height, width)
         freq = _frequencies(height, width, device).clamp(min=1.0 / max(height, width))
-        self.register_buffer("scale", (freq ** -decay * (1.0 / max(height, width)) ** decay)[..., None])
+        # 1 at the lowest frequency times sqrt(H * W) / 4: with the orthonormal FFT a unit step of a low-frequency
+        # coefficient then moves the logits by about as much as a unit step of a pixel would (Lucid's scaling).
+        amplitude = (freq * max(height, width)) ** -decay * (height * width) ** 0.5 / 4
+        self.register_buffer("scale", amplitude[..., None])
         self.register_buffer("color", COLOR_CORRELATION.to(device))
         if init is None:
             spectrum = 0.01 * torch.randn(batch, 3, height, width // 2 + 1, 2, generator=generator, device=device)

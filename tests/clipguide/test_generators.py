@@ -55,11 +55,12 @@ def test_pixels_init_is_area_downsampled_to_the_grid():
 
 def test_fourier_spectrum_falls_off_as_one_over_f():
     backend = Fourier(1, 32, 32, generator=gen(), decay=1.0)
-    scale = backend.scale[..., 0]
+    scale = backend.scale[..., 0] / (32 * 32) ** 0.5 * 4     # without the sqrt(H * W) / 4 step-size factor
     assert scale[0, 1] == pytest.approx(1.0)                 # lowest frequency 1/32: unit scale
+    assert scale[0, 0] == pytest.approx(1.0)                 # DC is treated as the lowest frequency
     assert scale[0, 4] == pytest.approx(0.25)                # 4x the frequency, a quarter of the amplitude
     assert scale[4, 3] == pytest.approx(1 / 5)               # radial: sqrt(4^2 + 3^2) = 5 steps
-    assert Fourier(1, 32, 32, generator=gen(), decay=0.0).scale.eq(1).all()
+    assert Fourier(1, 32, 32, generator=gen(), decay=0.0).scale.eq(8).all()
 
 
 def test_clamp_with_grad_lets_gradient_back_into_range():
