@@ -72,6 +72,9 @@ class OptimisedGenerator(nn.Module):
         """Images [B, 3, H, W] in [0, 1], differentiable with respect to ``parameters()``."""
         raise NotImplementedError
 
+    def constrain(self) -> None:
+        """Called without gradient after every optimiser step, to project the parameters back where they are valid."""
+
     def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
                callback: Optional[StepCallback] = None) -> torch.Tensor:
         """Minimise ``guidance.loss(decode())`` for ``steps`` Adam steps (fewer if every prompt reaches its stop).
@@ -94,6 +97,8 @@ class OptimisedGenerator(nn.Module):
             if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
                 raise GuidanceError(f"non-finite gradient at step {step}; try a lower learning rate")
             optimizer.step()
+            with torch.no_grad():
+                self.constrain()
             if callback is not None:
                 callback(step, guidance.summary(terms), images.detach())
             if guidance.done():

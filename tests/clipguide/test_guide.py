@@ -105,8 +105,9 @@ def test_bad_input_raises_value_errors(perceptor, kwargs, error, match):
 @pytest.mark.parametrize("backend", GENERATORS.names())
 @pytest.mark.parametrize("loss", EMBEDDING_LOSSES.names())
 @pytest.mark.parametrize("cutouts", CUTOUTS.names())
-def test_every_backend_loss_and_cutout_scheme_runs_a_step(perceptor, backend, loss, cutouts):
-    result = run(perceptor, backend=backend, loss=loss, cutouts=cutouts, steps=1,
+def test_every_backend_loss_and_cutout_scheme_runs_a_step(perceptor, backend_options, backend, loss, cutouts):
+    result = run(perceptor, backend=backend, backend_options=backend_options(backend), loss=loss, cutouts=cutouts,
+                 steps=1,
                  regularisers={name: 0.1 for name in IMAGE_LOSSES.names()})
     assert math.isfinite(result.losses[0]["total"])
     assert set(IMAGE_LOSSES.names()) <= set(result.losses[0])

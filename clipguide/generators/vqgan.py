@@ -1,0 +1,61 @@
+"""``vqgan``: CLIP steers the continuous latents of a taming-transformers VQGAN (VQGAN+CLIP).
+
+The parameters are latents z [B, D, H/f, W/f]; each decode snaps them to their nearest codebook entries with a
+straight-through gradient, runs the VQGAN decoder, and maps [-1, 1] to [0, 1]. After every step z is clamped to the
+codebook's per-channel range, so it never drifts where no code is.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import ClipguideError
+from .base import GENERATORS, OptimisedGenerator, check_init, check_size, clamp_with_grad
+
+
+@GENERATORS.register("vqgan")
+class VQGANGenerator(OptimisedGenerator):
+    """Latents of ``model`` (a shipped VQGAN name such as "shapes", or a .safetensors path with its .json).
+
+    Args:
+        batch, height, width: output images [batch, 3, height, width]; height and width must be multiples of the
+            VQGAN's downsampling factor f.
+        generator: draws the random start (a uniformly random code at every latent position) when there is no init.
+        init: optional float [1 or B, 3, H, W] in [0, 1], encoded to start from.
+        model: the VQGAN to steer.
+        lr: Adam learning rate on the latents.
+    """
+
+    def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
+                 init: Optional[torch.Tensor] = None, model: str = "shapes", lr: float = 0.1):
+        from ..vqgan_model import load_vqgan  # taming is imported only when this backend is used
+
+        super().__init__()
+        check_size(batch, height, width)
+        check_init(init, batch, height, width)
+        device = generator.device
+        self.vqgan = load_vqgan(model, device=device)
+        f = self.vqgan.config.factor
+        if height % f or width % f:
+            raise ClipguideError(f"vqgan output size must be a multiple of {f} (its downsampling factor), "
+                                 f"got {width}x{height}")
+        codes = self.vqgan.codebook.detach()
+        if init is None:
+            index = torch.randint(len(codes), (batch, height // f, width // f), generator=generator, device=device)
+            z = codes[index].permute(0, 3, 1, 2)
+        else:
+            with torch.no_grad():
+                z = self.vqgan.encode(init.to(device).float() * 2 - 1).expand(batch, -1, -1, -1)
+        self.z = nn.Parameter(z.contiguous())
+        self.register_buffer("z_min", codes.min(dim=0).values.view(1, -1, 1, 1))
+        self.register_buffer("z_max", codes.max(dim=0).values.view(1, -1, 1, 1))
+        self.lr = lr
+
+    def decode(self) -> torch.Tensor:
+        z_q, _ = self.vqgan.quantize_st(self.z)
+        return clamp_with_grad((self.vqgan.decode(z_q) + 1) / 2)
+
+    def constrain(self) -> None:
+        self.z.clamp_(self.z_min, self.z_max)

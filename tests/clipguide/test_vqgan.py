@@ -1,0 +1,80 @@
+"""The taming VQGAN built without taming's training code: strict round trips, straight-through gradients, steering."""
+import pytest
+import torch
+
+from clipguide import ClipguideError, CLIPGuidance
+from clipguide.generators.vqgan import VQGANGenerator
+from clipguide.vqgan_model import VQGAN, VQGANConfig, load_vqgan
+from core_clip import CheckpointError
+
+from .conftest import TINY_VQGAN as TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_vqgan_path):
+    return tiny_vqgan_path
+
+
+def test_save_load_round_trip_is_exact(tiny_path):
+    a, b = load_vqgan(tiny_path), load_vqgan(tiny_path)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(a(x)[0], b(x)[0])
+    assert a.config.factor == 2 and not any(p.requires_grad for p in a.parameters())
+
+
+def test_parameter_names_follow_taming(tiny_path):
+    names = set(load_vqgan(tiny_path).state_dict())
+    assert {"quantize.embedding.weight", "quant_conv.weight", "post_quant_conv.weight",
+            "encoder.conv_in.weight", "decoder.conv_out.weight"} <= names
+    assert not any(n.startswith("loss.") for n in names)
+
+
+def test_mismatched_config_is_a_strict_error(tiny_path, tmp_path):
+    wrong = tmp_path / "wrong.safetensors"
+    wrong.write_bytes(tiny_path.read_bytes())
+    wrong.with_suffix(".json").write_text(tiny_path.with_suffix(".json").read_text().replace('"n_embed": 16',
+                                                                                             '"n_embed": 32'))
+    with pytest.raises(CheckpointError, match="quantize.embedding.weight"):
+        load_vqgan(wrong)
+
+
+def test_unknown_names_and_kinds():
+    with pytest.raises(ClipguideError, match="no VQGAN called 'nope'"):
+        load_vqgan("nope")
+    with pytest.raises(ClipguideError, match="kind"):
+        VQGANConfig(ddconfig=TINY, kind="lfq")
+    assert VQGAN(VQGANConfig(ddconfig=TINY, n_embed=16, embed_dim=4, kind="gumbel")).codebook.shape == (16, 4)
+
+
+def test_quantisation_snaps_to_codes_and_passes_the_gradient_straight_through(tiny_path):
+    vq = load_vqgan(tiny_path)
+    z = torch.randn(1, 4, 3, 3, requires_grad=True)
+    codes = vq.codebook
+    z_q, _ = vq.quantize_st(z)
+    nearest = torch.cdist(z.detach().permute(0, 2, 3, 1).reshape(-1, 4), codes).argmin(1)
+    torch.testing.assert_close(z_q.detach().permute(0, 2, 3, 1).reshape(-1, 4), codes[nearest], atol=1e-6, rtol=0)
+    weights = torch.randn(z_q.shape)
+    (z_q * weights).sum().backward()
+    assert torch.equal(z.grad, weights)  # d z_q / d z is the identity on the straight-through path
+
+
+def test_generator_steers_latents_within_the_codebook_range(tiny_path, perceptor):
+    backend = VQGANGenerator(2, 16, 16, generator=torch.Generator().manual_seed(0), model=str(tiny_path), lr=0.5)
+    before = backend.decode().detach().clone()
+    assert before.shape == (2, 3, 16, 16) and 0 <= before.min() and before.max() <= 1
+    out = backend.sample(CLIPGuidance("a red circle", perceptor, cutn=2), 3, torch.Generator())
+    assert not torch.equal(out, before)
+    assert (backend.z >= backend.z_min).all() and (backend.z <= backend.z_max).all()
+
+
+def test_generator_starts_from_the_encoded_init_image(tiny_path):
+    vq = load_vqgan(tiny_path)
+    init = torch.rand(1, 3, 16, 16)
+    backend = VQGANGenerator(1, 16, 16, generator=torch.Generator(), init=init, model=str(tiny_path))
+    expected = ((vq.decode(vq.quantize_st(vq.encode(init * 2 - 1))[0]) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(backend.decode(), expected)
+
+
+def test_size_must_be_a_multiple_of_the_factor(tiny_path):
+    with pytest.raises(ClipguideError, match="multiple of 2"):
+        VQGANGenerator(1, 15, 16, generator=torch.Generator(), model=str(tiny_path))
