@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from clipguide.cli import main
-from core_clip import shapes
 
 
 def generate(capsys, *args):
