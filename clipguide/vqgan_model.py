@@ -10,6 +10,8 @@ Shipped models live in ``clipguide/weights/vqgan-NAME.safetensors`` + ``.json`` 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -66,7 +68,8 @@ class VQGAN(nn.Module):
         self.config = config
         dd = config.ddconfig
         self.encoder = Encoder(**dd)
-        self.decoder = Decoder(**dd)
+        with contextlib.redirect_stdout(io.StringIO()):  # taming's Decoder prints its latent shape
+            self.decoder = Decoder(**dd)
         if config.kind == "vq":
             self.quantize = VectorQuantizer2(config.n_embed, config.embed_dim, beta=0.25)
             self.quant_conv = nn.Conv2d(dd["z_channels"], config.embed_dim, 1)
