@@ -72,10 +72,9 @@ class VQGAN(nn.Module):
             self.decoder = Decoder(**dd)
         if config.kind == "vq":
             self.quantize = VectorQuantizer2(config.n_embed, config.embed_dim, beta=0.25)
-            self.quant_conv = nn.Conv2d(dd["z_channels"], config.embed_dim, 1)
-        else:
-            self.quantize = GumbelQuantize(dd["z_channels"], config.embed_dim, n_embed=config.n_embed)
-            self.quant_conv = nn.Conv2d(dd["z_channels"], dd["z_channels"], 1)
+        else:  # taming's GumbelVQ projects quant_conv's output to code logits (its embed_dim equals z_channels)
+            self.quantize = GumbelQuantize(config.embed_dim, config.embed_dim, n_embed=config.n_embed)
+        self.quant_conv = nn.Conv2d(dd["z_channels"], config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, dd["z_channels"], 1)
 
     @property
@@ -118,20 +117,73 @@ class VQGAN(nn.Module):
         return path
 
 
+# Architectures of the public taming checkpoints (taming-transformers' configs), for random-weight use and tests.
+TAMING_CONFIGS = {
+    "imagenet-f16-1024": VQGANConfig(n_embed=1024, embed_dim=256, ddconfig=dict(
+        double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4],
+        num_res_blocks=2, attn_resolutions=[16], dropout=0.0)),
+    "imagenet-f16-16384": VQGANConfig(n_embed=16384, embed_dim=256, ddconfig=dict(
+        double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4],
+        num_res_blocks=2, attn_resolutions=[16], dropout=0.0)),
+    "gumbel-f8": VQGANConfig(n_embed=8192, embed_dim=256, kind="gumbel", ddconfig=dict(
+        double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 1, 2, 4],
+        num_res_blocks=2, attn_resolutions=[32], dropout=0.0)),
+}
+_TAMING_KINDS = {"VQModel": "vq", "GumbelVQ": "gumbel"}
+
+
+def config_from_taming(yaml_path: str | os.PathLike) -> tuple[VQGANConfig, str]:
+    """A taming yaml -> (config, state-dict key prefix). The kind comes from the config's ``target`` class, never
+    from the file name; a Net2NetTransformer's first stage is used (its keys start with "first_stage_model.")."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(yaml_path).read_text())
+        model = cfg["model"]
+        target, params, prefix = model["target"], model["params"], ""
+        if target.endswith(".Net2NetTransformer"):
+            first = params["first_stage_config"]
+            target, params, prefix = first["target"], first["params"], "first_stage_model."
+        kind = _TAMING_KINDS.get(target.rsplit(".", 1)[-1])
+        if kind is None:
+            raise ClipguideError(f"{yaml_path}: model target {target} is not a taming VQModel, GumbelVQ or "
+                                 "Net2NetTransformer")
+        return VQGANConfig(ddconfig=dict(params["ddconfig"]), n_embed=int(params["n_embed"]),
+                           embed_dim=int(params["embed_dim"]), kind=kind), prefix
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise ClipguideError(f"cannot read taming config {yaml_path}: {type(e).__name__}: {e}") from None
+
+
+def load_taming(yaml_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> VQGAN:
+    """A taming yaml + Lightning ckpt pair. The ckpt loads with ``weights_only=True`` (a ckpt that needs any other
+    pickled object is refused, never executed); training-only keys (the loss and discriminator) are dropped and the
+    rest must match the config exactly."""
+    config, prefix = config_from_taming(yaml_path)
+    state = read_state_dict(ckpt_path)
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + "loss.")}
+    model = VQGAN(config)
+    load_strict(model, state, f"{ckpt_path} with {yaml_path}")
+    return model
+
+
 def load_vqgan(name: str | os.PathLike, device: str | torch.device | None = None) -> VQGAN:
-    """A shipped name ("shapes" -> clipguide/weights/vqgan-shapes.safetensors) or a .safetensors file with its .json
-    config beside it; keys and shapes are checked strictly. Returns the model in eval mode with frozen weights."""
+    """A shipped name ("shapes" -> clipguide/weights/vqgan-shapes.safetensors), a .safetensors file with its .json
+    config beside it, or a taming .yaml with its .ckpt beside it (same stem); keys and shapes are checked strictly.
+    Returns the model in eval mode with frozen weights."""
     path = Path(name)
-    if not path.suffix:
-        path = WEIGHTS / f"vqgan-{name}.safetensors"
-        if not path.is_file():
-            shipped = sorted(p.stem.removeprefix("vqgan-") for p in WEIGHTS.glob("vqgan-*.safetensors"))
-            raise ClipguideError(f"no VQGAN called {name!r}; shipped: {', '.join(shipped) or 'none'}, "
-                                 "or pass a .safetensors path with its .json beside it")
-    config_path = path.with_suffix(".json")
-    if not path.is_file() or not config_path.is_file():
-        raise ClipguideError(f"VQGAN needs {path} and {config_path}")
-    model = VQGAN(VQGANConfig(**json.loads(config_path.read_text())))
-    load_strict(model, read_state_dict(path), str(path))
+    if path.suffix in (".yaml", ".yml"):
+        model = load_taming(path, path.with_suffix(".ckpt"))
+    else:
+        if not path.suffix:
+            path = WEIGHTS / f"vqgan-{name}.safetensors"
+            if not path.is_file():
+                shipped = sorted(p.stem.removeprefix("vqgan-") for p in WEIGHTS.glob("vqgan-*.safetensors"))
+                raise ClipguideError(f"no VQGAN called {name!r}; shipped: {', '.join(shipped) or 'none'}, or pass a "
+                                     ".safetensors path with its .json beside it, or a taming .yaml with its .ckpt")
+        config_path = path.with_suffix(".json")
+        if not path.is_file() or not config_path.is_file():
+            raise ClipguideError(f"VQGAN needs {path} and {config_path}")
+        model = VQGAN(VQGANConfig(**json.loads(config_path.read_text())))
+        load_strict(model, read_state_dict(path), str(path))
     model.requires_grad_(False)
     return model.to(device or "cpu").eval()

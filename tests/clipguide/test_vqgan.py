@@ -78,3 +78,67 @@ def test_generator_starts_from_the_encoded_init_image(tiny_path):
 def test_size_must_be_a_multiple_of_the_factor(tiny_path):
     with pytest.raises(ClipguideError, match="multiple of 2"):
         VQGANGenerator(1, 15, 16, generator=torch.Generator(), model=str(tiny_path))
+
+
+# --- taming yaml + Lightning ckpt ---------------------------------------------------------------------------------
+
+def _taming_yaml(path, target, config, first_stage=False):
+    import yaml
+
+    params = {"embed_dim": config.embed_dim, "n_embed": config.n_embed, "ddconfig": config.ddconfig,
+              "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}
+    model = {"target": target, "params": params}
+    if first_stage:
+        model = {"target": "taming.models.cond_transformer.Net2NetTransformer",
+                 "params": {"first_stage_config": model, "transformer_config": {"target": "x"}}}
+    path.write_text(yaml.safe_dump({"model": model}))
+    return path
+
+
+@pytest.mark.parametrize("first_stage", [False, True])
+def test_lightning_checkpoint_with_yaml_round_trips_exactly(tmp_path, first_stage):
+    torch.manual_seed(1)
+    source = VQGAN(VQGANConfig(ddconfig=TINY, n_embed=16, embed_dim=4))
+    prefix = "first_stage_model." if first_stage else ""
+    state = {prefix + k: v for k, v in source.state_dict().items()}
+    state[prefix + "loss.discriminator.main.0.weight"] = torch.zeros(2)  # training-only keys are dropped
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 100}, tmp_path / "m.ckpt")
+    _taming_yaml(tmp_path / "m.yaml", "taming.models.vqgan.VQModel", source.config, first_stage)
+    loaded = load_vqgan(tmp_path / "m.yaml")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded(x)[0], source.eval()(x)[0])
+
+
+def test_gumbel_kind_comes_from_the_config_not_the_file_name(tmp_path):
+    config = VQGANConfig(ddconfig=TINY, n_embed=16, embed_dim=8, kind="gumbel")
+    source = VQGAN(config)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "vqgan_imagenet_f16.ckpt")
+    _taming_yaml(tmp_path / "vqgan_imagenet_f16.yaml", "taming.models.vqgan.GumbelVQ", config)
+    loaded = load_vqgan(tmp_path / "vqgan_imagenet_f16.yaml")
+    assert loaded.config.kind == "gumbel"
+    assert torch.equal(loaded.codebook, source.codebook)
+
+
+def test_yaml_ckpt_mismatch_and_pickled_code_are_refused(tmp_path):
+    source = VQGAN(VQGANConfig(ddconfig=TINY, n_embed=16, embed_dim=4))
+    _taming_yaml(tmp_path / "m.yaml", "taming.models.vqgan.VQModel",
+                 VQGANConfig(ddconfig=TINY, n_embed=32, embed_dim=4))
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match="quantize.embedding.weight"):
+        load_vqgan(tmp_path / "m.yaml")
+    _taming_yaml(tmp_path / "m.yaml", "taming.models.vqgan.VQModel", source.config)
+    torch.save({"state_dict": source.state_dict(), "callback": print}, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_vqgan(tmp_path / "m.yaml")
+
+
+def test_imagenet_f16_architecture_decodes_256px_and_backpropagates():
+    from clipguide.vqgan_model import TAMING_CONFIGS
+
+    torch.manual_seed(0)
+    model = VQGAN(TAMING_CONFIGS["imagenet-f16-16384"]).requires_grad_(False)
+    z = (0.1 * torch.randn(1, 256, 16, 16)).requires_grad_(True)
+    image = model.decode(model.quantize_st(z)[0])
+    assert image.shape == (1, 3, 256, 256)
+    image.square().mean().backward()
+    assert z.grad.isfinite().all() and z.grad.abs().sum() > 0
