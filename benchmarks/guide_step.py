@@ -55,11 +55,9 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(guidance: CLIPGuidance, canvas: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """ms per step and peak MiB of ``steps`` Adam steps of a pixels backend under ``guidance`` (after 2 warm-ups)."""
-    backend = GENERATORS.get("pixels")(1, canvas, canvas, generator=torch.Generator(device).manual_seed(0),
-                                       resolution=None)
-    optimizer = torch.optim.Adam(backend.parameters(), lr=0.05)
+def time_steps(guidance: CLIPGuidance, backend, steps: int, device: torch.device) -> tuple[float, float]:
+    """ms per step and peak MiB of ``steps`` Adam steps of ``backend`` under ``guidance`` (after 2 warm-ups)."""
+    optimizer = torch.optim.Adam([p for p in backend.parameters() if p.requires_grad], lr=0.05)
 
     def step():
         loss = guidance.loss(backend.decode())
@@ -79,14 +77,16 @@ def time_steps(guidance: CLIPGuidance, canvas: int, steps: int, device: torch.de
     return 1000 * (time.perf_counter() - start) / steps, _peak_mib(device)
 
 
-def run(label: str, model: core_clip.ClipModel, canvas: int, cutn: int, steps: int, device: torch.device) -> None:
+def compare(label: str, model: core_clip.ClipModel, make_backend, cutn: int, steps: int,
+            device: torch.device) -> None:
+    """Time the notebooks' per-cut loop and clipguide's batched cutouts on fresh backends from ``make_backend()``."""
     perceptor = Perceptor(model)
     ours = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
     loop = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
     min_size = ClassicCutouts().min_size
     loop.cutouts = lambda images, n, size, generator: notebook_cutouts(images, n, size, generator, min_size)
-    ms_loop, mem_loop = time_steps(loop, canvas, steps, device)
-    ms_ours, mem_ours = time_steps(ours, canvas, steps, device)
+    ms_loop, mem_loop = time_steps(loop, make_backend(), steps, device)
+    ms_ours, mem_ours = time_steps(ours, make_backend(), steps, device)
     print(f"{label}: notebook loop {ms_loop:8.1f} ms/step (peak {mem_loop:7.0f} MiB) | clipguide {ms_ours:8.1f} "
           f"ms/step (peak {mem_ours:7.0f} MiB) | speed-up {ms_loop / ms_ours:.2f}x")
 
@@ -101,10 +101,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {args.steps} timed steps after 2 warm-ups")
+    def pixels(canvas: int):
+        return lambda: GENERATORS.get("pixels")(1, canvas, canvas, generator=torch.Generator(device).manual_seed(0),
+                                                resolution=None)
+
     if args.only in (None, "a"):
-        run("(a) shapes     64 px cutn 16", core_clip.load("shapes", device=device), 64, 16, args.steps, device)
+        compare("(a) shapes     64 px cutn 16", core_clip.load("shapes", device=device), pixels(64), 16, args.steps,
+                device)
     if args.only in (None, "b"):
-        run("(b) ViT-B-32  224 px cutn 32", core_clip.load("ViT-B-32", device=device), 256, 32, args.steps, device)
+        compare("(b) ViT-B-32  224 px cutn 32", core_clip.load("ViT-B-32", device=device), pixels(256), 32,
+                args.steps, device)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ codebook's per-channel range, so it never drifts where no code is.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import ClipguideError
 from .base import GENERATORS, OptimisedGenerator, check_init, check_size, clamp_with_grad
+
+if TYPE_CHECKING:
+    from ..vqgan_model import VQGAN
 
 
 @GENERATORS.register("vqgan")
@@ -24,19 +27,20 @@ class VQGANGenerator(OptimisedGenerator):
             VQGAN's downsampling factor f.
         generator: draws the random start (a uniformly random code at every latent position) when there is no init.
         init: optional float [1 or B, 3, H, W] in [0, 1], encoded to start from.
-        model: the VQGAN to steer.
+        model: the VQGAN to steer: a name or path for :func:`clipguide.vqgan_model.load_vqgan`, or a VQGAN (frozen).
         lr: Adam learning rate on the latents.
     """
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
-                 init: Optional[torch.Tensor] = None, model: str = "shapes", lr: float = 0.1):
-        from ..vqgan_model import load_vqgan  # taming is imported only when this backend is used
+                 init: Optional[torch.Tensor] = None, model: Union[str, "VQGAN"] = "shapes", lr: float = 0.1):
+        from ..vqgan_model import VQGAN, load_vqgan  # taming is imported only when this backend is used
 
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
         device = generator.device
-        self.vqgan = load_vqgan(model, device=device)
+        self.vqgan = model.to(device).eval().requires_grad_(False) if isinstance(model, VQGAN) else load_vqgan(
+            model, device=device)
         f = self.vqgan.config.factor
         if height % f or width % f:
             raise ClipguideError(f"vqgan output size must be a multiple of {f} (its downsampling factor), "

@@ -1,0 +1,50 @@
+"""Milliseconds per VQGAN+CLIP step and peak memory: clipguide vs the public scripts' per-cutout loop.
+
+Random-init ViT-B-32 perceptor and the taming imagenet f16 (16384 codes) architecture with random weights, a 256 px
+canvas, cutn 32. Both sides steer the same `vqgan` backend (straight-through latents, the same kornia augmentations,
+the same loss); the reference makes its cutouts one at a time (slice + resize per cut, fp32) as the public
+VQGAN+CLIP scripts do, clipguide makes them in one batched call (bf16 autocast on CUDA).
+
+    python benchmarks/vqgan_step.py --steps 10          # on CUDA when available
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import core_clip
+from clipguide.generators.vqgan import VQGANGenerator
+from clipguide.vqgan_model import TAMING_CONFIGS, VQGAN
+
+from guide_step import compare  # noqa: E402  (same folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after 2 warm-ups")
+    torch.manual_seed(0)
+    vqgan = VQGAN(TAMING_CONFIGS["imagenet-f16-16384"]).to(device).eval().requires_grad_(False)
+
+    def backend():
+        return VQGANGenerator(1, args.size, args.size, generator=torch.Generator(device).manual_seed(0),
+                              model=vqgan)
+
+    compare(f"VQGAN f16 + ViT-B-32, {args.size} px cutn 32", core_clip.load("ViT-B-32", device=device), backend, 32,
+            args.steps, device)
+
+
+if __name__ == "__main__":
+    main()
