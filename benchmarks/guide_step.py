@@ -91,16 +91,25 @@ def compare(label: str, model: core_clip.ClipModel, make_backend, cutn: int, ste
           f"ms/step (peak {mem_ours:7.0f} MiB) | speed-up {ms_loop / ms_ours:.2f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["a", "b"])
-    parser.add_argument("--steps", type=int, default=20)
+def parse_args(parser: argparse.ArgumentParser, steps: int) -> tuple[argparse.Namespace, torch.device]:
+    """Add the flags every step benchmark takes (--steps, --device, --threads), parse, set the thread count and print
+    the header line (naming the GPU when there is one)."""
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, {args.steps} timed steps after 2 warm-ups")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after 2 warm-ups")
+    return args, device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["a", "b"])
+    args, device = parse_args(parser, steps=20)
+
     def pixels(canvas: int):
         return lambda: GENERATORS.get("pixels")(1, canvas, canvas, generator=torch.Generator(device).manual_seed(0),
                                                 resolution=None)

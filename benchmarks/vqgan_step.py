@@ -21,20 +21,13 @@ import core_clip
 from clipguide.generators.vqgan import VQGANGenerator
 from clipguide.vqgan_model import TAMING_CONFIGS, VQGAN
 
-from guide_step import compare  # noqa: E402  (same folder)
+from guide_step import compare, parse_args  # noqa: E402  (same folder)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after 2 warm-ups")
+    args, device = parse_args(parser, steps=10)
     torch.manual_seed(0)
     vqgan = VQGAN(TAMING_CONFIGS["imagenet-f16-16384"]).to(device).eval().requires_grad_(False)
 

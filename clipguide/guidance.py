@@ -106,13 +106,16 @@ class CLIPGuidance:
         self.regularisers = {name: (IMAGE_LOSSES.get(name), w) for name, w in self.config.regularisers.items()}
         self.weights = torch.tensor([p.weight for p in self.prompts], device=self.device)
         self.stops = torch.tensor([p.stop for p in self.prompts], device=self.device)
-        self.targets = [self._targets(i) for i in range(len(self.perceptor))]
+        image_prompts = {p.value: as_image_batch(open_image(p.value)).to(self.device)
+                         for p in self.prompts if p.kind == "image"}  # read once, embedded by every member
+        self.targets = [self._targets(i, image_prompts) for i in range(len(self.perceptor))]
         self.last_distances: torch.Tensor | None = None  # [P, B], signed by the prompt weights, from the last call
 
     # ---------------------------------------------------------------- targets
 
-    def _targets(self, index: int) -> torch.Tensor:
-        """Unit target embeddings [P, D] of every prompt under perceptor model ``index``."""
+    def _targets(self, index: int, image_prompts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unit target embeddings [P, D] of every prompt under perceptor model ``index`` (``image_prompts``: path ->
+        image [1, 3, H, W] in [0, 1] for the image prompts)."""
         texts = [p.value for p in self.prompts if p.kind == "text"]
         text_emb = iter(self.perceptor.encode_text(index, texts)) if texts else iter(())
         dim = self.perceptor.members[index].model.embed_dim
@@ -123,12 +126,11 @@ class CLIPGuidance:
             elif p.kind == "noise":
                 rows.append(noise_target(int(p.value), dim).to(self.device))
             else:
-                rows.append(self._image_target(index, Path(p.value)))
+                rows.append(self._image_target(index, image_prompts[p.value]))
         return torch.stack(rows)
 
-    def _image_target(self, index: int, path: Path) -> torch.Tensor:
+    def _image_target(self, index: int, image: torch.Tensor) -> torch.Tensor:
         model = self.perceptor.members[index].model
-        image = as_image_batch(open_image(path)).to(self.device)
         with torch.no_grad():
             if self.config.image_prompt_cutn:
                 generator = torch.Generator(self.device).manual_seed(0)
@@ -149,6 +151,7 @@ class CLIPGuidance:
         sign = self.weights.sign()[:, None]
         total = images.new_zeros(batch)
         signed = images.new_zeros(len(self.prompts), batch)
+        member_weights = sum(m.weight for m in self.perceptor.members)
         for index, member in enumerate(self.perceptor.members):
             views = self.config.augment(self.cutouts(images, cutn, member.model.image_size, self.generator),
                                         self.generator)
@@ -156,7 +159,7 @@ class CLIPGuidance:
             dist = torch.stack([self.distance(emb, t[None]).view(cutn, batch).mean(0) for t in self.targets[index]])
             s = sign * dist                                                                     # [P, B]
             total = total + member.weight * (self.weights.abs()[:, None] * stop_below(s, self.stops[:, None])).sum(0)
-            signed = signed + member.weight * s.detach() / sum(m.weight for m in self.perceptor.members)
+            signed = signed + member.weight * s.detach() / member_weights
         terms = {"prompts": signed}
         for name, (fn, weight) in self.regularisers.items():
             value = fn(images)

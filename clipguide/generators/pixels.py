@@ -50,7 +50,8 @@ class Pixels(OptimisedGenerator):
         resolution: the grid's shorter side (None: full resolution). A coarse grid cannot hold pixel-level texture.
         colors: palette size K, or None for free RGB.
         sharpness: how hard each pixel chooses among the palette (the softmax's inverse temperature).
-        lr: Adam learning rate (of the colours; the logits move ``sharpness``-times slower in effect).
+        lr: Adam learning rate (the logits are scaled by ``sharpness``, so in softmax units they move that many
+            times further per step than the colours do).
     """
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
