@@ -10,7 +10,6 @@ optimiser state are written atomically every ``--save-every`` steps.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from core_clip import shapes
 from core_clip.checkpoint import atomic_write, load_strict, read_state_dict
 
+from .training import set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
 SHAPES_DDCONFIG = dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
@@ -39,13 +39,6 @@ class VQGANTrainConfig:
     seed: int = 0
     save_every: int = 250
     resume: bool = False
-
-
-def batch(step: int, cfg: VQGANTrainConfig) -> torch.Tensor:
-    """Training batch ``step``: fresh ShapesWorld renders (train split) as float [B, 3, 64, 64] in [-1, 1]."""
-    scenes = shapes.sample_scenes(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train")
-    images = torch.from_numpy(shapes.render_batch(scenes, 64, seed=cfg.seed * 1_000_003 + step))
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
@@ -74,10 +67,8 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         start = state["step"]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vqgan")
     for step in bar:
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x = batch(step, cfg)
+        set_warmup_cosine_lr(optimizer, step, cfg.steps, cfg.warmup, cfg.lr)
+        x = shapes_batch(step, cfg.batch_size, 64, cfg.seed)
         recon, codebook_loss = model(x)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + codebook_loss

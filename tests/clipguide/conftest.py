@@ -28,7 +28,28 @@ def tiny_vqgan_path(tmp_path_factory):
     return VQGAN(VQGANConfig(ddconfig=TINY_VQGAN, n_embed=16, embed_dim=4)).save(tmp_path_factory.mktemp("vq") / "tiny")
 
 
+def tiny_unet(prediction_type: str = "epsilon", sample_size: int = 16):
+    """A random pixel-space UNet2DModel (2 levels, factor 2) and its DDPM scheduler."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    return unet, DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+
+
 @pytest.fixture(scope="session")
-def backend_options(tiny_vqgan_path):
+def tiny_diffusion_path(tmp_path_factory):
+    from clipguide.train_diffusion import save_pipeline
+
+    path = tmp_path_factory.mktemp("diffusion") / "tiny"
+    save_pipeline(*tiny_unet(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def backend_options(tiny_vqgan_path, tiny_diffusion_path):
     """Per-backend options that make every registered backend run in tests without shipped weights."""
-    return lambda name: {"model": str(tiny_vqgan_path)} if name == "vqgan" else {}
+    paths = {"vqgan": tiny_vqgan_path, "diffusion": tiny_diffusion_path}
+    return lambda name: {"model": str(paths[name])} if name in paths else {}

@@ -1,0 +1,273 @@
+"""``diffusion``: clipguide's own sampling loop over a diffusers UNet + scheduler, steered through
+:class:`clipguide.diffusion.GuidedForward` at every model call.
+
+The model is the shipped ``shapes`` pipeline (a 32 px unconditional UNet2DModel trained on ShapesWorld), a local
+diffusers pipeline folder (model_index.json with unet/ and scheduler/, optionally vae/ or vqvae/), or a
+:class:`DiffusionModel` built from components already in memory, including conditional UNets with their prompt
+embeddings.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..diffusion import (DiffusionGuidanceConfig, GuidedForward, check_scheduler, decoder_for, enable_checkpointing,
+                         encoder_for, predict_x0, alpha_bar)
+from ..errors import ClipguideError
+from ..guidance import CLIPGuidance
+from ..registry import Registry
+from .base import GENERATORS, StepCallback, check_init, check_size
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+# Scheduler names -> diffusers classes, built from the model's own scheduler config (same noise table).
+SCHEDULERS: Registry[str] = Registry("scheduler")
+for _name, _cls in {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                    "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler",
+                    "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler"}.items():
+    SCHEDULERS.register(_name)(_cls)
+
+
+@dataclass
+class DiffusionModel:
+    """A denoiser and what it needs to sample.
+
+    Attributes:
+        unet: a diffusers UNet2DModel or UNet2DConditionModel.
+        scheduler: a diffusers scheduler with an ``alphas_cumprod`` table.
+        vae: None for pixel-space models (data in [-1, 1]); an AutoencoderKL or VQModel for latent models.
+        cond: encoder_hidden_states [1 or B, L, D] for a conditional UNet.
+        uncond: the unconditional embeddings [1 or B, L, D] for classifier-free guidance (with ``cfg_scale``).
+        cfg_scale: classifier-free guidance weight w (uncond + w * (cond - uncond)); used when ``uncond`` is set.
+    """
+
+    unet: nn.Module
+    scheduler: Any
+    vae: Optional[nn.Module] = None
+    cond: Optional[torch.Tensor] = None
+    uncond: Optional[torch.Tensor] = None
+    cfg_scale: float = 7.5
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel (1 for pixel-space models)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sizes must be multiples of this (the VAE factor times the UNet's total downsampling)."""
+        return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the UNet was trained at, in image pixels."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return w * self.latent_factor, h * self.latent_factor
+
+
+def _folder(model: Union[str, os.PathLike]) -> Path:
+    if isinstance(model, str) and (WEIGHTS / f"diffusion-{model}").is_dir():
+        return WEIGHTS / f"diffusion-{model}"
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        shipped = sorted(p.name[len("diffusion-"):] for p in WEIGHTS.glob("diffusion-*") if p.is_dir())
+        raise ClipguideError(f"diffusion model {str(model)!r} is neither a shipped name ({', '.join(shipped)}) nor "
+                             "a diffusers pipeline folder with model_index.json")
+    return path
+
+
+def load_diffusion(model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes",
+                   device: Union[str, torch.device] = "cpu") -> DiffusionModel:
+    """A :class:`DiffusionModel` from a shipped name, a local pipeline folder, a loaded diffusers pipeline, or a
+    DiffusionModel (returned as is, moved to ``device``). Folders load offline (``local_files_only``), and only
+    their unet, scheduler and vae/vqvae components are read."""
+    if not isinstance(model, DiffusionModel):
+        if isinstance(model, (str, os.PathLike)):
+            model = _load_folder(_folder(model))
+        elif hasattr(model, "unet") and hasattr(model, "scheduler"):
+            model = DiffusionModel(model.unet, model.scheduler, getattr(model, "vae", None) or getattr(model, "vqvae", None))
+        else:
+            raise ClipguideError(f"cannot use {type(model).__name__} as a diffusion model; pass a name, a pipeline "
+                                 "folder, a diffusers pipeline or a clipguide DiffusionModel")
+    check_scheduler(model.scheduler)
+    model.unet.to(device).eval().requires_grad_(False)
+    if model.vae is not None:
+        model.vae.to(device).eval().requires_grad_(False)
+    return model
+
+
+def _load_folder(folder: Path) -> DiffusionModel:
+    import diffusers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = {}
+    for name in ("unet", "scheduler", "vae", "vqvae"):
+        if name in index and index[name][1] is not None:
+            library, cls_name = index[name]
+            if library != "diffusers" or not hasattr(diffusers, cls_name):
+                raise ClipguideError(f"{folder}: component {name} is {library}.{cls_name}, not a diffusers class")
+            cls = getattr(diffusers, cls_name)
+            # low_cpu_mem_usage needs accelerate, which clipguide does not depend on
+            extra = {"low_cpu_mem_usage": False} if issubclass(cls, diffusers.ModelMixin) else {}
+            parts[name] = cls.from_pretrained(folder, subfolder=name, local_files_only=True, **extra)
+    if "unet" not in parts or "scheduler" not in parts:
+        raise ClipguideError(f"{folder} has no unet and scheduler components")
+    return DiffusionModel(parts["unet"], parts["scheduler"], parts.get("vae") or parts.get("vqvae"))
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+@GENERATORS.register("diffusion")
+class DiffusionGenerator(nn.Module):
+    """Guided sampling from a diffusion model.
+
+    Args:
+        batch, height, width: output images [batch, 3, height, width]; height and width must be multiples of the
+            model's :attr:`DiffusionModel.size_multiple` (checked before sampling).
+        generator: seeds the start noise and the samplers' noise; image i of a batch uses its own generator seeded
+            ``generator.initial_seed() + i``, so it matches a batch-1 run with that seed.
+        init: optional float [1 or B, 3, H, W] in [0, 1] for img2img: encoded, noised to ``strength``, then sampled.
+        model: see :func:`load_diffusion`.
+        scheduler: a name in :data:`SCHEDULERS` (built from the model's scheduler config), or None for the model's own.
+        strength: img2img: the fraction of the schedule re-run from the noised init (1 = ignore the init).
+        eta: DDIM's eta (0 = deterministic).
+        **guidance: :class:`clipguide.diffusion.DiffusionGuidanceConfig` fields (scale, grad_clamp, start, end,
+            through_unet, checkpointing).
+    """
+
+    def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
+                 init: Optional[torch.Tensor] = None, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes",
+                 scheduler: Optional[str] = "ddpm", strength: float = 0.7, eta: float = 0.0, **guidance):
+        super().__init__()
+        check_size(batch, height, width)
+        check_init(init, batch, height, width)
+        self.config = DiffusionGuidanceConfig(**guidance)
+        if not 0 < strength <= 1:
+            raise ClipguideError(f"strength must be in (0, 1], got {strength}")
+        device = generator.device
+        self.model = load_diffusion(model, device)
+        multiple = self.model.size_multiple
+        if height % multiple or width % multiple:
+            raise ClipguideError(f"diffusion output size must be a multiple of {multiple} for this model, "
+                                 f"got {width}x{height}")
+        if self.model.unet.config.get("cross_attention_dim") is not None and self.model.cond is None:
+            raise ClipguideError("this UNet is conditional: pass a DiffusionModel with cond (encoder_hidden_states)")
+        if scheduler is not None:
+            import diffusers
+
+            cls = getattr(diffusers, SCHEDULERS.get(scheduler))
+            self.model = replace(self.model, scheduler=cls.from_config(self.model.scheduler.config))
+            check_scheduler(self.model.scheduler)
+        seed = generator.initial_seed()
+        self.generators = [torch.Generator(device).manual_seed(seed + i) for i in range(batch)]
+        f = self.model.latent_factor
+        self.shape = (batch, self.model.unet.config.in_channels, height // f, width // f)
+        self.init = init
+        self.strength = strength if init is not None else 1.0
+        self.eta = eta
+        self.device = device
+
+    @classmethod
+    def native_size(cls, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes", **_) -> tuple[int, int]:
+        """(width, height) that ``model`` was trained at, read from its config without loading weights."""
+        if isinstance(model, DiffusionModel):
+            return model.native_size
+        if hasattr(model, "unet"):
+            return DiffusionModel(model.unet, model.scheduler, getattr(model, "vae", None)).native_size
+        folder = _folder(model)
+        size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
+        factor = 1
+        for vae in ("vae", "vqvae"):
+            if (folder / vae / "config.json").is_file():
+                factor = 2 ** (len(json.loads((folder / vae / "config.json").read_text())["block_out_channels"]) - 1)
+        h, w = (size, size) if isinstance(size, int) else size
+        return w * factor, h * factor
+
+    def _noise(self, shape: tuple) -> torch.Tensor:
+        return torch.cat([torch.randn((1,) + shape[1:], generator=g, device=self.device) for g in self.generators])
+
+    def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
+               callback: Optional[StepCallback] = None) -> torch.Tensor:
+        """Run ``steps`` scheduler steps, CLIP-guided within the configured window; returns images [B, 3, H, W] in
+        [0, 1]. ``callback(step, losses, x0_images)`` gets the decoded x0 estimate after every step."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ClipguideError(f"steps must be a positive integer, got {steps!r}")
+        m = self.model
+        scheduler = m.scheduler
+        decode = decoder_for(m.vae)
+        cfg = m.uncond is not None
+        guided = GuidedForward(m.unet.forward, scheduler, guidance, decode, self.config,
+                               (lambda: m.cfg_scale) if cfg else (lambda: None))
+        switched = enable_checkpointing(m.unet, m.vae) if self.config.checkpointing else []
+        try:
+            return self._loop(guided, scheduler, decode, steps, callback, cfg)
+        finally:
+            for module in switched:
+                module.disable_gradient_checkpointing()
+
+    def _loop(self, guided: GuidedForward, scheduler: Any, decode, steps: int, callback, cfg: bool) -> torch.Tensor:
+        m = self.model
+        scheduler.set_timesteps(steps, device=self.device)
+        timesteps = scheduler.timesteps
+        order = getattr(scheduler, "order", 1)
+        noise = self._noise(self.shape)
+        if self.init is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            skip = min(int(steps * (1 - self.strength)), steps - 1)
+            timesteps = timesteps[skip * order:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(skip * order)
+            with torch.no_grad():
+                x0 = encoder_for(m.vae)(self.init.to(self.device).float()).expand(self.shape[0], -1, -1, -1)
+            latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
+        kwargs = {}
+        if m.cond is not None:
+            cond = m.cond.expand(self.shape[0], -1, -1)
+            kwargs["encoder_hidden_states"] = torch.cat([m.uncond.expand_as(cond), cond]) if cfg else cond
+        step_kwargs = {}
+        if _accepts(scheduler.step, "generator"):
+            step_kwargs["generator"] = self.generators
+        if _accepts(scheduler.step, "eta"):
+            step_kwargs["eta"] = self.eta
+        prediction = check_scheduler(scheduler)
+        done = 0
+        for i, t in enumerate(timesteps):
+            x_in = scheduler.scale_model_input(latents, t)
+            if cfg:
+                x_in = torch.cat([x_in, x_in])
+            out = guided(x_in, t, **kwargs).sample
+            if cfg:
+                out = out[:len(latents)] + m.cfg_scale * (out[len(latents):] - out[:len(latents)])
+            if callback is not None:
+                images, losses = self._preview(guided, out, x_in[-len(latents):], t, decode, prediction)
+            latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+            # second-order schedulers (Heun, KDPM2) call the model twice per step: report completed steps only
+            if getattr(scheduler, "state_in_first_order", True) or i == len(timesteps) - 1:
+                done += 1
+                if callback is not None:
+                    callback(done, losses, images)
+        with torch.no_grad():
+            return decode(latents.float()).clamp(0, 1)
+
+    @torch.no_grad()
+    def _preview(self, guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any, decode,
+                 prediction: str) -> tuple[torch.Tensor, dict]:
+        """The corrected output's x0 decoded [B, 3, H, W], and the guidance losses of this step (NaN when unguided)."""
+        a = alpha_bar(guided.alphas_cumprod, t, len(out)).to(out.device)
+        images = decode(predict_x0(out.float(), x_t.float(), a, prediction)).clamp(0, 1)
+        if guided.guided_at(t) and guided.last_terms is not None:
+            return images, guided.guidance.summary(guided.last_terms)
+        return images, {"total": float("nan")}

@@ -1,0 +1,339 @@
+"""Diffusion guidance: x0 and correction formulas against diffusers, gradients against finite differences, stock
+pipelines through attach(), every scheduler through guide(), and a tiny latent CFG pipeline."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel, UNet2DModel)
+
+from clipguide import CLIPGuidance, ClipguideError, guide
+from clipguide.diffusion import (DiffusionGuidanceConfig, GuidedForward, alpha_bar, attach, decoder_for,
+                                 output_correction, predict_x0)
+from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel
+
+from .conftest import tiny_unet
+
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class Quadratic:
+    """A deterministic stand-in for CLIPGuidance: per-image squared distance to a fixed target image."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def per_image(self, images):
+        return {"total": (images - self.target).pow(2).sum(dim=(1, 2, 3))}
+
+
+# ------------------------------------------------------------------------------------------------ formulas
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, DDIMScheduler])
+def test_x0_matches_the_schedulers_pred_original_sample(scheduler_cls, prediction):
+    scheduler = scheduler_cls(prediction_type=prediction, clip_sample=False)
+    scheduler.set_timesteps(50)
+    x, out = torch.randn(2, 3, 8, 8, generator=gen(1)), torch.randn(2, 3, 8, 8, generator=gen(2))
+    for t in scheduler.timesteps[[0, 17, 49]]:
+        ref = scheduler.step(out, t, x).pred_original_sample
+        ours = predict_x0(out, x, alpha_bar(scheduler.alphas_cumprod, t, 2), prediction)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_x0_in_the_unet_frame_matches_euler_with_fractional_timesteps(prediction):
+    scheduler = EulerDiscreteScheduler(prediction_type=prediction)
+    scheduler.set_timesteps(7)
+    assert any(float(t) != int(t) for t in scheduler.timesteps)   # interpolated noise levels are exercised
+    out = torch.randn(1, 3, 8, 8, generator=gen(2))
+    for t in scheduler.timesteps[:5]:
+        x_sigma = torch.randn(1, 3, 8, 8, generator=gen(int(t))) * scheduler.init_noise_sigma
+        x_in = scheduler.scale_model_input(x_sigma, t)      # what the UNet sees (variance-preserving)
+        ref = scheduler.step(out, t, x_sigma).pred_original_sample
+        scheduler._step_index = None                        # step() advanced it; look the next t up afresh
+        ours = predict_x0(out, x_in, alpha_bar(scheduler.alphas_cumprod, t, 1), prediction)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_every_correction_moves_x0_by_the_same_step(prediction):
+    a = torch.tensor([0.3, 0.8]).view(2, 1, 1, 1)
+    x, out, g = (torch.randn(2, 3, 4, 4, generator=gen(s)) for s in (1, 2, 3))
+    moved = predict_x0(out + output_correction(g, a, prediction), x, a, prediction) - predict_x0(out, x, a, prediction)
+    torch.testing.assert_close(moved, (1 - a) / a.sqrt() * g, rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_bar_reads_the_table_and_interpolates_in_sigma():
+    table = DDPMScheduler().alphas_cumprod
+    torch.testing.assert_close(alpha_bar(table, 10, 3).flatten(), table[10].expand(3))
+    sigma = lambda a: ((1 - a) / a).sqrt()
+    mid = alpha_bar(table, torch.tensor([10.5]), 1).flatten()[0]
+    torch.testing.assert_close(sigma(mid), (sigma(table[10]) + sigma(table[11])) / 2)
+
+
+# ------------------------------------------------------------------------------------------------ the wrapper
+
+def guided_call(through_unet, target, x, t=400, scale=1.0, prediction="epsilon", decode=decoder_for(None)):
+    unet, scheduler = tiny_unet(prediction)
+    config = DiffusionGuidanceConfig(scale=scale, grad_clamp=None, through_unet=through_unet)
+    wrapper = GuidedForward(unet.forward, scheduler, Quadratic(target), decode, config)
+    with torch.no_grad():
+        plain = unet(x, t).sample
+        guided = wrapper(x, t).sample
+    return unet, scheduler, plain, guided
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_guided_gradient_matches_finite_differences_through_the_unet(prediction):
+    x = torch.rand(1, 3, 16, 16, generator=gen(1)) * 0.6 - 0.3
+    target = torch.rand(1, 3, 16, 16, generator=gen(2))
+    t = 300
+    decode = lambda x0: (x0 + 1) / 2   # without the clamp, whose gradient deliberately differs outside [0, 1]
+    unet, scheduler, plain, guided = guided_call(True, target, x, t, prediction=prediction, decode=decode)
+    a = alpha_bar(scheduler.alphas_cumprod, t, 1)
+    # undo the correction: delta = output_correction(-grad, a) is linear in grad
+    grad = -(guided - plain) / output_correction(torch.ones_like(x), a, prediction)
+
+    unet64 = unet.double()
+
+    def loss(x_t):   # in float64, so that a small step h resolves the directional derivative
+        with torch.no_grad():
+            images = decode(predict_x0(unet64(x_t, t).sample, x_t, a.double(), prediction))
+        return (images - target.double()).pow(2).sum()
+
+    for seed in range(3):
+        v = torch.randn(x.shape, generator=gen(10 + seed), dtype=torch.float64)
+        h = 1e-4
+        fd = (loss(x.double() + h * v) - loss(x.double() - h * v)) / (2 * h)
+        assert float((grad.double() * v).sum()) == pytest.approx(float(fd), rel=1e-3, abs=1e-4)
+
+
+def test_cheap_gradient_holds_the_output_fixed():
+    x = torch.rand(1, 3, 16, 16, generator=gen(1)) * 0.6 - 0.3
+    target = torch.rand(1, 3, 16, 16, generator=gen(2))
+    unet, scheduler, plain, guided = guided_call(False, target, x, 300, decode=lambda x0: (x0 + 1) / 2)
+    a = alpha_bar(scheduler.alphas_cumprod, 300, 1)
+    x0 = predict_x0(plain, x, a, "epsilon").requires_grad_()
+    g0, = torch.autograd.grad(((x0 + 1) / 2 - target).pow(2).sum(), x0)
+    torch.testing.assert_close(guided - plain, output_correction(-g0 / a.sqrt(), a, "epsilon"), rtol=1e-4, atol=1e-6)
+
+
+def test_grad_clamp_bounds_the_rms_of_the_step():
+    x = torch.rand(2, 3, 16, 16, generator=gen(1))
+    unet, scheduler = tiny_unet()
+    config = DiffusionGuidanceConfig(scale=1e6, grad_clamp=0.01)
+    wrapper = GuidedForward(unet.forward, scheduler, Quadratic(torch.zeros(1, 3, 16, 16)), decoder_for(None), config)
+    with torch.no_grad():
+        delta = wrapper(x, 500).sample - unet(x, 500).sample
+    a = alpha_bar(scheduler.alphas_cumprod, 500, 2)
+    g = delta / output_correction(torch.ones_like(x), a, "epsilon")
+    torch.testing.assert_close(g.pow(2).mean(dim=(1, 2, 3)).sqrt(), torch.full((2,), 0.01))
+
+
+def test_classifier_free_guidance_gets_the_same_correction_on_both_halves():
+    unet, scheduler = tiny_unet()
+    target = torch.rand(1, 3, 16, 16, generator=gen(2))
+    config = DiffusionGuidanceConfig(scale=10.0, grad_clamp=None)
+    w = 3.0
+    wrapper = GuidedForward(unet.forward, scheduler, Quadratic(target), decoder_for(None), config, lambda: w)
+    latents = torch.rand(1, 3, 16, 16, generator=gen(1))
+    # two different "conditions": the doubled batch of a CFG pipeline, made distinct by a shifted uncond input
+    x = torch.cat([latents, latents])
+    with torch.no_grad():
+        plain = unet(x, 500).sample
+        guided = wrapper(x, 500).sample
+    delta_u, delta_c = (guided - plain).chunk(2)
+    torch.testing.assert_close(delta_u, delta_c)
+    assert delta_u.abs().max() > 0
+    a = alpha_bar(scheduler.alphas_cumprod, 500, 1)
+    combined = plain[:1] + w * (plain[1:] - plain[:1])
+    torch.testing.assert_close(wrapper.last_images, ((predict_x0(combined, latents, a, "epsilon") + 1) / 2).clamp(0, 1))
+
+
+@pytest.mark.parametrize("through_unet", [True, False])
+def test_one_guided_step_lowers_the_clip_loss_of_x0(perceptor, through_unet):
+    unet, scheduler = tiny_unet()
+    x = torch.randn(2, 3, 16, 16, generator=gen(3))
+    t = 500
+    a = alpha_bar(scheduler.alphas_cumprod, t, 2)
+    make = lambda: CLIPGuidance("a red circle on a blue background", perceptor, cutn=4, seed=7)
+    config = DiffusionGuidanceConfig(scale=20.0, grad_clamp=None, through_unet=through_unet)
+    wrapper = GuidedForward(unet.forward, scheduler, make(), decoder_for(None), config)
+    with torch.no_grad():
+        plain, guided = unet(x, t).sample, wrapper(x, t).sample
+        # fresh guidance objects with the same seed draw the same cutouts as the guided call did
+        before = make().loss((predict_x0(plain, x, a, "epsilon") + 1).div(2).clamp(0, 1))
+        after = make().loss((predict_x0(guided, x, a, "epsilon") + 1).div(2).clamp(0, 1))
+    assert after < before
+
+
+def test_guidance_window_skips_steps_outside_it():
+    unet, scheduler = tiny_unet()
+    config = DiffusionGuidanceConfig(scale=10.0, start=0.5, end=0.9)
+    wrapper = GuidedForward(unet.forward, scheduler, Quadratic(torch.zeros(1, 3, 16, 16)), decoder_for(None), config)
+    assert [wrapper.guided_at(t) for t in (999, 600, 400, 101, 50)] == [False, False, True, True, False]
+
+
+# ------------------------------------------------------------------------------------------------ attach
+
+@pytest.mark.parametrize("pipeline_cls", [DDPMPipeline, DDIMPipeline])
+def test_attach_at_scale_zero_is_bit_identical_and_detach_restores(pipeline_cls, perceptor):
+    unet, scheduler = tiny_unet()
+    if pipeline_cls is DDIMPipeline:
+        scheduler = DDIMScheduler.from_config(scheduler.config)
+    pipe = pipeline_cls(unet=unet, scheduler=scheduler)
+    run = lambda: pipe(generator=gen(4), num_inference_steps=4, output_type="np").images
+    reference = run()
+    guidance = CLIPGuidance("a red circle", perceptor, cutn=2)
+    with attach(pipe, guidance, scale=0.0):
+        assert np.array_equal(run(), reference)
+    handle = attach(pipe, guidance, scale=200.0, grad_clamp=None)
+    steered = run()
+    assert handle.guided.last_images is not None and not np.array_equal(steered, reference)
+    handle.detach()
+    assert "forward" not in pipe.unet.__dict__ and np.array_equal(run(), reference)
+
+
+def test_attach_refuses_a_second_handle_and_unusable_schedulers(perceptor):
+    unet, scheduler = tiny_unet()
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    guidance = CLIPGuidance("a red circle", perceptor, cutn=2)
+    with attach(pipe, guidance):
+        with pytest.raises(ClipguideError, match="already guided"):
+            attach(pipe, guidance)
+    with pytest.raises(ClipguideError, match="alphas_cumprod"):
+        attach(DDPMPipeline(unet=unet, scheduler=FlowMatchEulerDiscreteScheduler()), guidance)
+    with pytest.raises(ClipguideError, match="unknown prediction type 'flow'"):
+        attach(DDPMPipeline(unet=unet, scheduler=DDPMScheduler(prediction_type="flow")), guidance)
+    with pytest.raises(ClipguideError, match="start <= end"):
+        attach(pipe, guidance, start=0.8, end=0.2)
+
+
+def tiny_tokenizer(folder):
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A StableDiffusionPipeline from small random components (no download): 16 px images, 8 px latents."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=16)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, vocab_size=514, max_position_embeddings=77,
+                                        bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tiny_tokenizer(tmp_path_factory.mktemp("tok")),
+                                   unet=unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def test_latent_pipeline_with_cfg_runs_guided_through_attach(tiny_sd, perceptor):
+    run = lambda: tiny_sd("a red circle", num_inference_steps=3, height=16, width=16, guidance_scale=7.5,
+                          generator=gen(0), output_type="np").images
+    reference = run()
+    guidance = CLIPGuidance("a red circle on a blue background", perceptor, cutn=2)
+    with attach(tiny_sd, guidance, scale=0.0):
+        assert np.array_equal(run(), reference)
+    with attach(tiny_sd, guidance, scale=500.0, grad_clamp=None, checkpointing=True) as handle:
+        steered = run()
+        assert tiny_sd.unet.is_gradient_checkpointing and tiny_sd.vae.is_gradient_checkpointing
+    assert not tiny_sd.unet.is_gradient_checkpointing
+    assert handle.guided.last_images.shape == (1, 3, 16, 16)    # x0 of the CFG-combined prediction, decoded
+    assert np.isfinite(steered).all() and not np.array_equal(steered, reference)
+
+
+# ------------------------------------------------------------------------------------------------ guide()
+
+def run(perceptor, path, **options):
+    steps = options.pop("steps", 4)
+    size = options.pop("size", 16)
+    return guide("a red circle on a blue background", backend="diffusion", clip=perceptor, steps=steps, size=size,
+                 cutn=2, seed=options.pop("seed", 0), batch=options.pop("batch", 1),
+                 init_image=options.pop("init_image", None), backend_options={"model": str(path), **options})
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS.names())
+def test_every_scheduler_runs_guided(perceptor, tiny_diffusion_path, scheduler):
+    plain = run(perceptor, tiny_diffusion_path, scheduler=scheduler, scale=0.0)
+    steered = run(perceptor, tiny_diffusion_path, scheduler=scheduler, scale=500.0, grad_clamp=None)
+    assert steered.tensor.shape == (1, 3, 16, 16) and torch.isfinite(steered.tensor).all()
+    assert not torch.equal(plain.tensor, steered.tensor)
+    assert len(steered.losses) == 4 and all(math.isfinite(l["total"]) for l in steered.losses)
+
+
+def test_guided_sampling_is_seeded_and_batch_items_follow_their_own_seeds(perceptor, tiny_diffusion_path):
+    a, b = (run(perceptor, tiny_diffusion_path, scale=300.0) for _ in range(2))
+    assert torch.equal(a.tensor, b.tensor)
+    pair = run(perceptor, tiny_diffusion_path, scale=0.0, seed=5, batch=2)
+    single = run(perceptor, tiny_diffusion_path, scale=0.0, seed=6)
+    torch.testing.assert_close(pair.tensor[1:], single.tensor)
+
+
+def test_img2img_strength_controls_how_far_from_the_init(perceptor, tiny_diffusion_path):
+    init = torch.rand(1, 3, 16, 16, generator=gen(9)) * 0.5 + 0.25
+    far = lambda s: float((run(perceptor, tiny_diffusion_path, steps=10, scale=0.0, scheduler="ddim",
+                               init_image=init, strength=s).tensor - init).abs().mean())
+    assert far(0.1) < 0.05 < far(1.0)
+
+
+def test_previews_are_x0_estimates(perceptor, tiny_diffusion_path):
+    seen = []
+    guide("a red circle", backend="diffusion", clip=perceptor, steps=3, size=16, cutn=2,
+          backend_options={"model": str(tiny_diffusion_path), "scheduler": "ddim"},
+          callback=lambda step, losses, images: seen.append((step, images)))
+    assert [s for s, _ in seen] == [1, 2, 3]
+    assert all(im.shape == (1, 3, 16, 16) and 0 <= im.min() and im.max() <= 1 for _, im in seen)
+
+
+def test_latent_unet_through_guide_and_size_checks(perceptor):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    model = DiffusionModel(unet, DDIMScheduler(), vae)
+    assert model.size_multiple == 4 and model.native_size == (16, 16)
+    result = guide("a red circle", backend="diffusion", clip=perceptor, steps=2, size=16, cutn=2,
+                   backend_options={"model": model, "scheduler": None, "scale": 100.0})
+    assert result.tensor.shape == (1, 3, 16, 16) and torch.isfinite(result.tensor).all()
+    with pytest.raises(ClipguideError, match="multiple of 4"):
+        guide("a red circle", backend="diffusion", clip=perceptor, steps=2, size=18,
+              backend_options={"model": model})
+
+
+def test_bad_models_and_options_are_named_before_sampling(perceptor, tiny_diffusion_path, tmp_path):
+    with pytest.raises(ClipguideError, match="neither a shipped name"):
+        DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tmp_path))
+    with pytest.raises(ClipguideError, match="multiple of 2"):
+        DiffusionGenerator(1, 15, 16, generator=gen(), model=str(tiny_diffusion_path))
+    with pytest.raises(ClipguideError, match="strength"):
+        DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), strength=0)
+    with pytest.raises(ClipguideError, match="unknown scheduler 'plms'"):
+        DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), scheduler="plms")
+    conditional = DiffusionModel(UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                                      cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), DDIMScheduler())
+    with pytest.raises(ClipguideError, match="conditional"):
+        DiffusionGenerator(1, 16, 16, generator=gen(), model=conditional)
