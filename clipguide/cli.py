@@ -37,15 +37,17 @@ def cmd_score(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .guide import DEFAULT_STEPS, guide
+    from .guide import guide
 
     out = Path(args.out)
-    result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps or DEFAULT_STEPS,
+    backend_options = {k: v for k, v in (("lr", args.lr), ("scale", args.scale), ("scheduler", args.scheduler))
+                       if v is not None}
+    result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
                    progress=not args.json, device=args.device,
                    **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts)) if v},
-                   backend_options={"lr": args.lr} if args.lr else None)
+                   backend_options=backend_options)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                                    for i in range(len(result.images))]
@@ -58,6 +60,23 @@ def cmd_generate(args) -> None:
          args.json,
          [f"{p}  clip_score {s:.2f}" for p, s in zip(paths, result.clip_score)]
          + [f"{result.steps} steps in {result.seconds:.1f} s ({args.backend}, seed {args.seed})"])
+
+
+def cmd_app(args) -> None:
+    """Serve the Gradio text-to-image app (apps/text2image.py) until interrupted."""
+    from apps.text2image import launch
+
+    launch(args.host, args.port)
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {value!r}")
+    return port
 
 
 def _positive_float(value: str) -> float:
@@ -84,13 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="pixels", help="generator backend (pixels, fourier, ...)")
     p.add_argument("--clip", default=DEFAULT_MODEL, help="CLIP model name or path (see core_clip.load)")
     p.add_argument("--steps", type=positive_int, help="optimisation or sampling steps")
-    p.add_argument("--size", default="64", metavar="W[xH]", help="output size in pixels")
+    p.add_argument("--size", metavar="W[xH]", help="output size in pixels (default: the backend's native size)")
     p.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0)
     p.add_argument("--cutn", type=positive_int, help="cutouts per image and step")
     p.add_argument("--loss", help="embedding loss (spherical, cosine, ...)")
     p.add_argument("--cutouts", help="cutout scheme (classic, pooled, disco, ...)")
     p.add_argument("--batch", type=positive_int, default=1, help="images made at once (OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--lr", type=_positive_float, help="learning rate of optimisation backends")
+    p.add_argument("--scale", type=_positive_float, help="CLIP guidance scale of the diffusion backend")
+    p.add_argument("--scheduler", help="diffusion sampler (ddpm, ddim, euler, euler_a, dpm, heun, unipc)")
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
     p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
@@ -105,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=DEFAULT_MODEL, help="CLIP model name or path (see core_clip.load)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+    p = sub.add_parser("app", help="serve the text-to-image web app (Gradio) on this machine")
+    p.set_defaults(fn=cmd_app)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=_port, default=7860)
     return parser
 
 

@@ -17,13 +17,10 @@ from tqdm.auto import tqdm
 from core_clip.preprocess import Images, as_image_batch, open_image
 
 from .errors import ClipguideError
-from .generators import GENERATORS
+from .generators import GENERATORS, check_options
 from .guidance import CLIPGuidance, PromptsLike, as_prompts
 from .perceptor import ModelSpec, Perceptor
 from .prompts import Prompt, negative_prompts, parse_prompts
-
-DEFAULT_STEPS = 100
-
 
 @dataclass
 class GuideResult:
@@ -106,7 +103,7 @@ class _Frames:
 
 
 def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpec, Sequence[ModelSpec], Perceptor] = "shapes",
-          steps: int = DEFAULT_STEPS, size: Union[int, str, Sequence[int]] = 64, seed: int = 0, batch: int = 1,
+          steps: Optional[int] = None, size: Union[int, str, Sequence[int], None] = None, seed: int = 0, batch: int = 1,
           negative: Union[str, Sequence[str]] = (), image_prompts: Sequence[Union[str, os.PathLike]] = (),
           init_image: Union[str, os.PathLike, Images, None] = None, backend_options: Optional[dict] = None,
           callback: Optional[Callable[[int, dict, torch.Tensor], None]] = None,
@@ -120,8 +117,10 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             (for optimisation backends these include ``lr``).
         clip: perceptor: a core_clip model name / path / ClipModel, a list of them (optionally (model, weight)),
             or a ready :class:`Perceptor`.
-        steps: optimisation or sampling steps (fewer when every prompt reaches its stop).
-        size: output size: an int (square), "WxH", or (width, height).
+        steps: optimisation or sampling steps (fewer when every prompt reaches its stop); None: the backend's
+            ``default_steps`` (100 for optimisation backends, 50 for diffusion).
+        size: output size: an int (square), "WxH", or (width, height); None: the backend's native size (64 px,
+            or the size the diffusion model was trained at).
         seed: seeds the backend's start and the cutouts; same seed, settings and device -> the same image.
         batch: images made at once (each from its own random start).
         negative: prompts to push away from ("blurry | text:0.5"); their weights are made negative.
@@ -135,14 +134,17 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     Raises ClipguideError (a ValueError) for bad input and GuidanceError if the loss stops being finite.
     """
     start = time.perf_counter()
-    width, height = parse_size(size)
+    factory = GENERATORS.get(backend)
+    options = dict(backend_options or {})
+    check_options(factory, backend, options)
+    width, height = parse_size(size) if size is not None else factory.native_size(**options)
+    steps = factory.default_steps if steps is None else steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ClipguideError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(batch, int) or batch < 1:
         raise ClipguideError(f"batch must be a positive integer, got {batch!r}")
     if frame_every < 1:
         raise ClipguideError(f"frame_every must be >= 1, got {frame_every}")
-    factory = GENERATORS.get(backend)
     all_prompts: list[Prompt] = as_prompts(prompts) if prompts else []
     if negative:
         all_prompts += negative_prompts(negative)
@@ -156,7 +158,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
     generator = torch.Generator(perceptor.device).manual_seed(seed)
     init = _init_tensor(init_image, width, height, perceptor.device)
-    backend_impl = factory(batch, height, width, generator=generator, init=init, **(backend_options or {}))
+    backend_impl = factory(batch, height, width, generator=generator, init=init, **options)
 
     history: list[dict] = []
     writer = _Frames(frames, frame_every) if frames is not None else None

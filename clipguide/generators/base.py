@@ -4,12 +4,14 @@ A generator turns its own parameters into images [B, 3, H, W] in [0, 1]. Every b
 
     sample(guidance, steps, generator, callback) -> images [B, 3, H, W]
 
-so ``guide()`` never branches on the kind of backend. Optimisation backends (pixels, fourier, vqgan) subclass
+so ``guide()`` never branches on the kind of backend. Every backend class also answers
+``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for) and ``default_steps``. Optimisation backends (pixels, fourier, vqgan) subclass
 :class:`OptimisedGenerator`, which implements ``sample`` as Adam on ``parameters()`` through ``decode()``;
 sampling backends (diffusion) implement ``sample`` themselves.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -60,6 +62,19 @@ def check_init(init: Optional[torch.Tensor], batch: int, height: int, width: int
         raise ClipguideError(f"init image must be [1 or {batch}, 3, {height}, {width}], got {tuple(init.shape)}")
 
 
+def check_options(factory: Callable, name: str, options: dict) -> None:
+    """ClipguideError naming any key of ``options`` that backend ``factory`` does not take (a factory with
+    ``**kwargs`` checks its own)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in ("generator", "init"))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ClipguideError(f"backend {name!r} has no option {', '.join(map(repr, unknown))}; "
+                             f"its options: {', '.join(known) or 'none'}")
+
+
 class OptimisedGenerator(nn.Module):
     """A backend whose images are a differentiable function of its parameters, optimised with Adam.
 
@@ -67,6 +82,12 @@ class OptimisedGenerator(nn.Module):
     """
 
     lr: float
+    default_steps = 100
+
+    @classmethod
+    def native_size(cls, **options) -> tuple[int, int]:
+        """(width, height) used when guide() is given no size: ShapesWorld's 64 px."""
+        return 64, 64
 
     def decode(self) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1], differentiable with respect to ``parameters()``."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -147,12 +147,19 @@ class DiffusionGenerator(nn.Module):
             through_unet, checkpointing).
     """
 
+    default_steps = 50
+
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
                  init: Optional[torch.Tensor] = None, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes",
                  scheduler: Optional[str] = "ddpm", strength: float = 0.7, eta: float = 0.0, **guidance):
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
+        unknown = sorted(set(guidance) - {f.name for f in fields(DiffusionGuidanceConfig)})
+        if unknown:
+            raise ClipguideError(f"backend 'diffusion' has no option {', '.join(map(repr, unknown))}; its options: "
+                                 "model, scheduler, strength, eta, "
+                                 + ", ".join(f.name for f in fields(DiffusionGuidanceConfig)))
         self.config = DiffusionGuidanceConfig(**guidance)
         if not 0 < strength <= 1:
             raise ClipguideError(f"strength must be in (0, 1], got {strength}")
@@ -233,10 +240,12 @@ class DiffusionGenerator(nn.Module):
             with torch.no_grad():
                 x0 = encoder_for(m.vae)(self.init.to(self.device).float()).expand(self.shape[0], -1, -1, -1)
             latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
+        dtype = m.unet.dtype   # latents stay float32 for the scheduler; the UNet gets its own dtype
         kwargs = {}
         if m.cond is not None:
             cond = m.cond.expand(self.shape[0], -1, -1)
-            kwargs["encoder_hidden_states"] = torch.cat([m.uncond.expand_as(cond), cond]) if cfg else cond
+            hidden = torch.cat([m.uncond.expand_as(cond), cond]) if cfg else cond
+            kwargs["encoder_hidden_states"] = hidden.to(self.device, dtype)
         step_kwargs = {}
         if _accepts(scheduler.step, "generator"):
             step_kwargs["generator"] = self.generators
@@ -245,10 +254,10 @@ class DiffusionGenerator(nn.Module):
         prediction = check_scheduler(scheduler)
         done = 0
         for i, t in enumerate(timesteps):
-            x_in = scheduler.scale_model_input(latents, t)
+            x_in = scheduler.scale_model_input(latents, t).to(dtype)
             if cfg:
                 x_in = torch.cat([x_in, x_in])
-            out = guided(x_in, t, **kwargs).sample
+            out = guided(x_in, t, **kwargs).sample.float()
             if cfg:
                 out = out[:len(latents)] + m.cfg_scale * (out[len(latents):] - out[:len(latents)])
             if callback is not None:

@@ -60,6 +60,9 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--init-image", "/no/such.png"], "not found"),
     (["--clip", "no-such-model"], "no-such-model"),
     (["--seed", "-1"], "--seed"),
+    (["--scale", "100"], "backend 'pixels' has no option 'scale'"),
+    (["--backend", "diffusion", "--lr", "0.1"], "backend 'diffusion' has no option 'lr'"),
+    (["--backend", "diffusion", "--scheduler", "plms"], "unknown scheduler 'plms'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)

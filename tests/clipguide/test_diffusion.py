@@ -330,6 +330,8 @@ def test_bad_models_and_options_are_named_before_sampling(perceptor, tiny_diffus
         DiffusionGenerator(1, 15, 16, generator=gen(), model=str(tiny_diffusion_path))
     with pytest.raises(ClipguideError, match="strength"):
         DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), strength=0)
+    with pytest.raises(ClipguideError, match="has no option 'lr'.*scale"):
+        DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), lr=0.1)
     with pytest.raises(ClipguideError, match="unknown scheduler 'plms'"):
         DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), scheduler="plms")
     conditional = DiffusionModel(UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,

@@ -1,0 +1,97 @@
+"""Milliseconds per diffusion sampling step, CLIP-guided against unguided, with peak memory, in one process.
+
+    (a) the shipped `shapes` pixel model (32 px) + the `shapes` CLIP, cutn 16, DDPM steps
+    (b) a Stable-Diffusion-1.5-sized latent pipeline (random-init UNet2DConditionModel, AutoencoderKL and
+        ViT-B-32 guidance CLIP), 512 px, classifier-free guidance 7.5, 4 cutouts, DDIM steps; fp16 weights on CUDA
+
+Each row times the same sampling loop three ways: unguided (guidance scale 0, the UNet's output untouched), guided
+with the exact gradient (back-propagated through the UNet and the VAE decoder), and guided with the cheap gradient
+(model output held fixed: no UNet backward). The ratio is guided / unguided.
+
+    python benchmarks/diffusion_step.py                      # both, on CUDA when available
+    python benchmarks/diffusion_step.py --only b --size 256 --steps 2 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import core_clip
+from clipguide import CLIPGuidance, Perceptor
+from clipguide.generators.diffusion import DiffusionGenerator, DiffusionModel, load_diffusion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guide_step import _peak_mib, _sync, parse_args  # noqa: E402  (same folder)
+
+
+def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, steps: int, device: torch.device,
+                  **options) -> tuple[float, float]:
+    """ms per step and peak MiB of a ``steps``-step sampling run (after a 2-step warm-up run)."""
+    def run(n: int) -> None:
+        generator = torch.Generator(device).manual_seed(0)
+        DiffusionGenerator(1, size, size, generator=generator, model=model, scheduler=None, **options).sample(
+            guidance, n, generator)
+
+    run(2)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    run(steps)
+    _sync(device)
+    return 1000 * (time.perf_counter() - start) / steps, _peak_mib(device)
+
+
+def compare(label: str, model: DiffusionModel, guidance: CLIPGuidance, size: int, steps: int, device: torch.device,
+            scale: float) -> None:
+    plain_ms, plain_mem = time_sampling(model, guidance, size, steps, device, scale=0.0)
+    print(f"{label}: unguided {plain_ms:9.1f} ms/step (peak {plain_mem:7.0f} MiB)")
+    for name, through_unet in (("exact", True), ("cheap", False)):
+        ms, mem = time_sampling(model, guidance, size, steps, device, scale=scale, through_unet=through_unet)
+        print(f"{'':{len(label)}}  guided ({name}) {ms:9.1f} ms/step (peak {mem:7.0f} MiB) | "
+              f"{ms / plain_ms:.2f}x the unguided step")
+
+
+def sd15(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+    """Random-init components with Stable Diffusion 1.5's sizes (diffusers' default UNet2DConditionModel and
+    AutoencoderKL configs with SD's channel counts); the prompt embeddings are random [1, 77, 768]."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=512, scaling_factor=0.18215)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    cond, uncond = torch.randn(2, 1, 77, 768, generator=torch.Generator().manual_seed(1))
+    model = DiffusionModel(unet.to(device, dtype), scheduler, vae.to(device, dtype), cond.to(device, dtype),
+                           uncond.to(device, dtype), cfg_scale=7.5)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["a", "b"])
+    parser.add_argument("--size", type=int, default=512, help="image size of (b)")
+    args, device = parse_args(parser, steps=10)
+    prompt = "a red circle on a blue background"
+    if args.only in (None, "a"):
+        guidance = CLIPGuidance(prompt, Perceptor(core_clip.load("shapes", device=device)), cutn=16)
+        compare("(a) shapes       32 px cutn 16", load_diffusion("shapes", device), guidance, 32, args.steps, device,
+                scale=500.0)
+    if args.only in (None, "b"):
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        guidance = CLIPGuidance(prompt, Perceptor(core_clip.load("ViT-B-32", device=device)), cutn=4)
+        compare(f"(b) SD1.5-size {args.size:4d} px cutn 4 ", sd15(device, dtype), guidance, args.size, args.steps,
+                device, scale=500.0)
+
+
+if __name__ == "__main__":
+    main()
