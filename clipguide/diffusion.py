@@ -54,8 +54,8 @@ class DiffusionGuidanceConfig:
         checkpointing: gradient checkpointing in the UNet and the VAE while guided (less memory, more compute).
     """
 
-    scale: float = 500.0
-    grad_clamp: Optional[float] = 0.05
+    scale: float = 300.0
+    grad_clamp: Optional[float] = None
     start: float = 0.0
     end: float = 1.0
     through_unet: bool = True

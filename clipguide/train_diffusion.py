@@ -65,6 +65,10 @@ def save_pipeline(unet: torch.nn.Module, scheduler, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [tmp, *tmp.rglob("*")]:   # mkdtemp makes 0700; give the folder a plain mkdir's modes
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
