@@ -50,14 +50,13 @@ import core_clip
 from clipguide import ClipguideError, Perceptor, guide, parse_prompts
 from clipguide.cutouts import CUTOUTS
 from clipguide.generators import GENERATORS, OptimisedGenerator
-from clipguide.generators.diffusion import SCHEDULERS
+from clipguide.generators.diffusion import SCHEDULERS, WEIGHTS
 from clipguide.guide import to_pil
 from clipguide.prompts import negative_prompts
 
 __all__ = ["Limits", "Settings", "BackendInfo", "Text2Image", "build_app", "find_backends", "launch", "png_info",
            "read_metadata", "settings_from_metadata", "validate"]
 
-WEIGHTS = Path(clipguide.__file__).resolve().parent / "weights"
 SHIPPED_DIFFUSION = WEIGHTS / "diffusion-shapes"
 SHIPPED_VQGAN = WEIGHTS / "vqgan-shapes.safetensors"
 METADATA_KEY = "clipguide"          # PNG text chunk holding the settings as JSON

@@ -133,6 +133,17 @@ def output_correction(g: torch.Tensor, a: torch.Tensor, prediction_type: str) ->
 
 # ------------------------------------------------------------------------------------------------------ decoders
 
+def pipeline_vae(pipe: Any) -> Optional[nn.Module]:
+    """A diffusers pipeline's latent decoder: its ``vae`` (AutoencoderKL) or ``vqvae`` (VQModel); None for pixel
+    pipelines."""
+    return getattr(pipe, "vae", None) or getattr(pipe, "vqvae", None)
+
+
+def _latent_scaling(vae: nn.Module) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) between the VAE's latents and the model's: model = (vae - shift) * scaling."""
+    return getattr(vae.config, "scaling_factor", 1.0) or 1.0, getattr(vae.config, "shift_factor", None) or 0.0
+
+
 def decoder_for(vae: Optional[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
     """x0 in the model's space -> images [B, 3, H, W] in [0, 1], differentiable.
 
@@ -142,8 +153,7 @@ def decoder_for(vae: Optional[nn.Module]) -> Callable[[torch.Tensor], torch.Tens
     """
     if vae is None:
         return lambda x0: clamp_with_grad((x0.float() + 1) / 2)
-    scaling = getattr(vae.config, "scaling_factor", 1.0) or 1.0
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scaling, shift = _latent_scaling(vae)
     quantised = hasattr(vae, "quantize")
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
@@ -158,8 +168,7 @@ def encoder_for(vae: Optional[nn.Module]) -> Callable[[torch.Tensor], torch.Tens
     """Images [B, 3, H, W] in [0, 1] -> x0 in the model's space (the inverse of :func:`decoder_for`)."""
     if vae is None:
         return lambda images: images * 2 - 1
-    scaling = getattr(vae.config, "scaling_factor", 1.0) or 1.0
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scaling, shift = _latent_scaling(vae)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         out = vae.encode((images * 2 - 1).to(vae.dtype))
@@ -295,7 +304,7 @@ def attach(pipe: Any, guidance: CLIPGuidance, config: Optional[DiffusionGuidance
         raise ClipguideError(f"{type(pipe).__name__} has no unet and scheduler to guide")
     if "forward" in unet.__dict__:
         raise ClipguideError("this pipeline's UNet is already guided; detach the first handle before attaching again")
-    vae = getattr(pipe, "vae", None) or getattr(pipe, "vqvae", None)
+    vae = pipeline_vae(pipe)
 
     def cfg_scale() -> Optional[float]:
         return float(pipe.guidance_scale) if getattr(pipe, "do_classifier_free_guidance", False) else None

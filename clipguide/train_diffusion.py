@@ -11,7 +11,6 @@ every ``--save-every`` steps. Runs on the CPU or, with ``--device cuda``, on a G
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from core_clip.checkpoint import atomic_write, load_strict, read_state_dict, save_safetensors
 
-from .training import set_warmup_cosine_lr, shapes_batch
+from .training import parse_config, set_warmup_cosine_lr, shapes_batch
 
 SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
                    block_out_channels=(32, 64, 64), norm_num_groups=16,
@@ -125,17 +124,7 @@ def train(cfg: DiffusionTrainConfig):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipguide.train_diffusion", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=int, default=250)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-    train(DiffusionTrainConfig(**vars(args)))
+    train(parse_config(DiffusionTrainConfig, "python -m clipguide.train_diffusion", __doc__.split("\n")[0], argv))
     return 0
 
 

@@ -9,7 +9,6 @@ optimiser state are written atomically every ``--save-every`` steps.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from core_clip import shapes
 from core_clip.checkpoint import atomic_write, load_strict, read_state_dict
 
-from .training import set_warmup_cosine_lr, shapes_batch
+from .training import parse_config, set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
 SHAPES_DDCONFIG = dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
@@ -86,16 +85,7 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipguide.train_vqgan", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=2500)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=int, default=250)
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-    train(VQGANTrainConfig(**vars(args)))
+    train(parse_config(VQGANTrainConfig, "python -m clipguide.train_vqgan", __doc__.split("\n")[0], argv))
     return 0
 
 

@@ -1,7 +1,10 @@
 """What the project's own generator-training scripts share: seeded ShapesWorld batches and the LR schedule."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+from typing import Optional, Sequence, TypeVar
 
 import torch
 
@@ -25,3 +28,22 @@ def set_warmup_cosine_lr(optimizer: torch.optim.Optimizer, step: int, steps: int
     for group in optimizer.param_groups:
         group["lr"] = value
     return value
+
+
+Config = TypeVar("Config")
+
+
+def parse_config(config_cls: type[Config], prog: str, description: str,
+                 argv: Optional[Sequence[str]] = None) -> Config:
+    """A training script's command line: ``--out`` (required) and one ``--flag`` per other field of the dataclass
+    ``config_cls``, typed and defaulted by the field (booleans become switches)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(flag, required=True)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return config_cls(**vars(parser.parse_args(argv)))

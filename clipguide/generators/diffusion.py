@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..diffusion import (DiffusionGuidanceConfig, GuidedForward, check_scheduler, decoder_for, enable_checkpointing,
-                         encoder_for, predict_x0, alpha_bar)
+                         encoder_for, pipeline_vae, predict_x0, alpha_bar)
 from ..errors import ClipguideError
 from ..guidance import CLIPGuidance
 from ..registry import Registry
@@ -55,17 +55,20 @@ class DiffusionModel:
     uncond: Optional[torch.Tensor] = None
     cfg_scale: float = 7.5
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> "DiffusionModel":
+        """The unet, scheduler and VAE (if any) of a loaded diffusers pipeline."""
+        return cls(pipe.unet, pipe.scheduler, pipeline_vae(pipe))
+
     @property
     def latent_factor(self) -> int:
         """Image pixels per latent pixel (1 for pixel-space models)."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else _downsampling(self.vae.config.block_out_channels)
 
     @property
     def size_multiple(self) -> int:
         """Output sizes must be multiples of this (the VAE factor times the UNet's total downsampling)."""
-        return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.latent_factor * _downsampling(self.unet.config.block_out_channels)
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -73,6 +76,11 @@ class DiffusionModel:
         size = self.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return w * self.latent_factor, h * self.latent_factor
+
+
+def _downsampling(block_out_channels: Any) -> int:
+    """Total downsampling of a diffusers UNet or VAE: a factor 2 between consecutive blocks."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def _folder(model: Union[str, os.PathLike]) -> Path:
@@ -95,7 +103,7 @@ def load_diffusion(model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes
         if isinstance(model, (str, os.PathLike)):
             model = _load_folder(_folder(model))
         elif hasattr(model, "unet") and hasattr(model, "scheduler"):
-            model = DiffusionModel(model.unet, model.scheduler, getattr(model, "vae", None) or getattr(model, "vqvae", None))
+            model = DiffusionModel.from_pipeline(model)
         else:
             raise ClipguideError(f"cannot use {type(model).__name__} as a diffusion model; pass a name, a pipeline "
                                  "folder, a diffusers pipeline or a clipguide DiffusionModel")
@@ -192,13 +200,13 @@ class DiffusionGenerator(nn.Module):
         if isinstance(model, DiffusionModel):
             return model.native_size
         if hasattr(model, "unet"):
-            return DiffusionModel(model.unet, model.scheduler, getattr(model, "vae", None)).native_size
+            return DiffusionModel.from_pipeline(model).native_size
         folder = _folder(model)
         size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
         factor = 1
         for vae in ("vae", "vqvae"):
             if (folder / vae / "config.json").is_file():
-                factor = 2 ** (len(json.loads((folder / vae / "config.json").read_text())["block_out_channels"]) - 1)
+                factor = _downsampling(json.loads((folder / vae / "config.json").read_text())["block_out_channels"])
         h, w = (size, size) if isinstance(size, int) else size
         return w * factor, h * factor
 
@@ -251,7 +259,6 @@ class DiffusionGenerator(nn.Module):
             step_kwargs["generator"] = self.generators
         if _accepts(scheduler.step, "eta"):
             step_kwargs["eta"] = self.eta
-        prediction = check_scheduler(scheduler)
         done = 0
         for i, t in enumerate(timesteps):
             x_in = scheduler.scale_model_input(latents, t).to(dtype)
@@ -261,7 +268,7 @@ class DiffusionGenerator(nn.Module):
             if cfg:
                 out = out[:len(latents)] + m.cfg_scale * (out[len(latents):] - out[:len(latents)])
             if callback is not None:
-                images, losses = self._preview(guided, out, x_in[-len(latents):], t, decode, prediction)
+                images, losses = self._preview(guided, out, x_in[-len(latents):], t, decode)
             latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
             # second-order schedulers (Heun, KDPM2) call the model twice per step: report completed steps only
             if getattr(scheduler, "state_in_first_order", True) or i == len(timesteps) - 1:
@@ -272,11 +279,11 @@ class DiffusionGenerator(nn.Module):
             return decode(latents.float()).clamp(0, 1)
 
     @torch.no_grad()
-    def _preview(self, guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any, decode,
-                 prediction: str) -> tuple[torch.Tensor, dict]:
+    def _preview(self, guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any,
+                 decode) -> tuple[torch.Tensor, dict]:
         """The corrected output's x0 decoded [B, 3, H, W], and the guidance losses of this step (NaN when unguided)."""
         a = alpha_bar(guided.alphas_cumprod, t, len(out)).to(out.device)
-        images = decode(predict_x0(out.float(), x_t.float(), a, prediction)).clamp(0, 1)
+        images = decode(predict_x0(out.float(), x_t.float(), a, guided.prediction_type)).clamp(0, 1)
         if guided.guided_at(t) and guided.last_terms is not None:
             return images, guided.guidance.summary(guided.last_terms)
         return images, {"total": float("nan")}

@@ -2,6 +2,7 @@
 
 The handlers are tested on these; the end-to-end tests (test_e2e.py) serve the app over loopback.
 """
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,13 @@ def inputs(**overrides) -> dict:
                   scheduler=None, clip=["shapes"], history=[])
     values.update(overrides)
     return values
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Poll ``condition()`` every 20 ms until it is true or ``timeout`` seconds have passed; its last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()

@@ -29,7 +29,7 @@ from PIL import Image
 
 from apps.text2image import SHIPPED_DIFFUSION, Limits, Text2Image, launch, read_metadata
 from core_clip import shapes
-from tests.apps.conftest import inputs
+from tests.apps.conftest import inputs, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("CLIPGUIDE_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
@@ -102,15 +102,6 @@ def request(**overrides) -> dict:
     values = inputs(**overrides)
     values.pop("history")
     return values
-
-
-def wait_until(condition, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_generation_is_what_the_prompt_asked_for(server, client):

@@ -1,7 +1,6 @@
 """apps/text2image.py through its handler functions: validation and limits, backends offered, PNG metadata round
 trip, streaming, the session gallery, cancellation, and the `clipguide app` wiring."""
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -13,7 +12,7 @@ from apps import text2image as t2i
 from apps.text2image import (Limits, Settings, Text2Image, find_backends, png_info, read_metadata,
                              settings_from_metadata)
 from clipguide.cli import main
-from tests.apps.conftest import SMALL, inputs
+from tests.apps.conftest import SMALL, inputs, wait_until
 
 
 def run(app, **overrides) -> list[tuple]:
@@ -233,15 +232,6 @@ def test_backend_change_sets_defaults_and_options(app):
 
 
 # -------------------------------------------------------------------------------------------------- cancelling
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
 
 def test_closing_the_handler_stops_the_guide_loop(app):
     """Gradio cancels a generator event by closing it at a yield: the worker must stop at its next step."""
