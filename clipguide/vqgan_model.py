@@ -26,6 +26,7 @@ from torch import nn
 from core_clip.checkpoint import load_strict, read_state_dict, save_json, save_safetensors
 
 from .errors import ClipguideError
+from .taming_hub import TAMING_CHECKPOINTS, fetch_taming
 
 WEIGHTS = Path(__file__).parent / "weights"
 KINDS = ("vq", "gumbel")
@@ -154,12 +155,41 @@ def config_from_taming(yaml_path: str | os.PathLike) -> tuple[VQGANConfig, str]:
         raise ClipguideError(f"cannot read taming config {yaml_path}: {type(e).__name__}: {e}") from None
 
 
+class _LightningStandIn:
+    """What a Lightning callback class named in a checkpoint unpickles to: an inert object keeping its state.
+
+    Lightning writes its callbacks' classes into checkpoints (``{"callbacks": {ModelCheckpoint: {...}}}``), so the
+    published taming ckpts fail a plain weights-only load. Allowing these names, and only these, as stand-ins
+    reads them without importing Lightning or running any code from the file."""
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+class _LightningDict:
+    """Stand-in for Lightning's ``AttributeDict`` (hyper-parameters): unpickles to a plain dict, the only kind of
+    mapping a weights-only load fills."""
+
+    def __new__(cls, *args, **kwargs) -> dict:
+        return {}
+
+
+_LIGHTNING_STAND_INS = [
+    (stand_in, f"{package}.{name}")
+    for package in ("pytorch_lightning", "lightning.pytorch")
+    for stand_in, name in ((_LightningStandIn, "callbacks.model_checkpoint.ModelCheckpoint"),
+                           (_LightningStandIn, "callbacks.early_stopping.EarlyStopping"),
+                           (_LightningDict, "utilities.parsing.AttributeDict"))
+]
+
+
 def load_taming(yaml_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> VQGAN:
-    """A taming yaml + Lightning ckpt pair. The ckpt loads with ``weights_only=True`` (a ckpt that needs any other
-    pickled object is refused, never executed); training-only keys (the loss and discriminator) are dropped and the
-    rest must match the config exactly."""
+    """A taming yaml + Lightning ckpt pair. The ckpt loads with ``weights_only=True`` plus stand-ins for
+    Lightning's callback classes (a ckpt that needs any other pickled object is refused, never executed);
+    training-only keys (the loss and discriminator) are dropped and the rest must match the config exactly."""
     config, prefix = config_from_taming(yaml_path)
-    state = read_state_dict(ckpt_path)
+    with torch.serialization.safe_globals(_LIGHTNING_STAND_INS):
+        state = read_state_dict(ckpt_path)
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + "loss.")}
     model = VQGAN(config)
     load_strict(model, state, f"{ckpt_path} with {yaml_path}")
@@ -167,10 +197,11 @@ def load_taming(yaml_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> V
 
 
 def load_vqgan(name: str | os.PathLike, device: str | torch.device | None = None) -> VQGAN:
-    """A shipped name ("shapes" -> clipguide/weights/vqgan-shapes.safetensors), a .safetensors file with its .json
-    config beside it, or a taming .yaml with its .ckpt beside it (same stem); keys and shapes are checked strictly.
-    Returns the model in eval mode with frozen weights."""
-    path = Path(name)
+    """A shipped name ("shapes" -> clipguide/weights/vqgan-shapes.safetensors), a public taming model's name
+    (:data:`clipguide.taming_hub.TAMING_CHECKPOINTS`, fetched to a local cache once), a .safetensors file with its
+    .json config beside it, or a taming .yaml with its .ckpt beside it (same stem); keys and shapes are checked
+    strictly. Returns the model in eval mode with frozen weights."""
+    path = fetch_taming(str(name)) if str(name) in TAMING_CHECKPOINTS else Path(name)
     if path.suffix in (".yaml", ".yml"):
         model = load_taming(path, path.with_suffix(".ckpt"))
     else:
@@ -178,8 +209,9 @@ def load_vqgan(name: str | os.PathLike, device: str | torch.device | None = None
             path = WEIGHTS / f"vqgan-{name}.safetensors"
             if not path.is_file():
                 shipped = sorted(p.stem.removeprefix("vqgan-") for p in WEIGHTS.glob("vqgan-*.safetensors"))
-                raise ClipguideError(f"no VQGAN called {name!r}; shipped: {', '.join(shipped) or 'none'}, or pass a "
-                                     ".safetensors path with its .json beside it, or a taming .yaml with its .ckpt")
+                raise ClipguideError(f"no VQGAN called {name!r}; shipped: {', '.join(shipped) or 'none'}; public: "
+                                     f"{', '.join(TAMING_CHECKPOINTS)}; or pass a .safetensors path with its .json "
+                                     "beside it, or a taming .yaml with its .ckpt")
         config_path = path.with_suffix(".json")
         if not path.is_file() or not config_path.is_file():
             raise ClipguideError(f"VQGAN needs {path} and {config_path}")

@@ -32,7 +32,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message is a paragraph of advice; the line after "WeightsUnpickler error:" names the object.
+        lines = [line.strip() for line in str(e).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
+        first = lines[0] if lines else type(e).__name__
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors ({first}); "
             "only weights-only torch files and .safetensors are loaded"

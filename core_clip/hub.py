@@ -1,4 +1,4 @@
-"""Files from the Hugging Face hub: local cache first, and a fast, clear failure when the hub is out of reach.
+"""Pretrained files from the Hugging Face hub and public URLs: local cache first, and a fast, clear failure offline.
 
 huggingface_hub retries a failed connection for tens of seconds; offline, that is a hang with a confusing
 traceback. Here a cache miss is followed by one short connection probe, and an unreachable hub raises
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
 
+from .checkpoint import atomic_write
 from .errors import WeightsUnavailableError
 
 PROBE_TIMEOUT_S = 3.0
@@ -19,12 +21,14 @@ PROBE_TIMEOUT_S = 3.0
 
 def hub_reachable(url: str | None = None) -> bool:
     """True if a TCP connection to the hub (or ``url``'s host) opens within a few seconds, and the hub is not
-    switched off with ``HF_HUB_OFFLINE``."""
+    switched off with ``HF_HUB_OFFLINE``. A ``file://`` url is reachable when its file exists."""
     from huggingface_hub import constants
 
     if url is None and constants.HF_HUB_OFFLINE:
         return False
     parsed = urlparse(url or constants.ENDPOINT)
+    if parsed.scheme == "file":
+        return Path(parsed.path).is_file()
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         socket.create_connection((parsed.hostname, port), timeout=PROBE_TIMEOUT_S).close()
@@ -74,3 +78,23 @@ def fetch_url(url: str, what: str) -> Path:
             f"and put it at {target}, or pass its path to core_clip.load()"
         )
     return Path(open_clip.download_pretrained_from_url(url))
+
+
+def download(url: str, target: str | os.PathLike, what: str) -> Path:
+    """Download ``url`` to ``target`` with a progress bar; ``target`` appears only once the whole file is there, so
+    an interrupted download never leaves a truncated file behind. Raises :class:`WeightsUnavailableError` naming
+    ``what`` when the transfer fails."""
+    from tqdm.auto import tqdm
+
+    def write(tmp: Path) -> None:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(target).name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+
+    try:
+        return atomic_write(target, write)
+    except OSError as e:  # URLError and HTTPError are OSErrors
+        raise WeightsUnavailableError(f"{what}: downloading {url} failed ({type(e).__name__}: {e})") from None

@@ -1,8 +1,11 @@
 """The taming VQGAN built without taming's training code: strict round trips, straight-through gradients, steering."""
+import sys
+import types
+
 import pytest
 import torch
 
-from clipguide import ClipguideError, CLIPGuidance
+from clipguide import ClipguideError, CLIPGuidance, taming_hub
 from clipguide.generators.vqgan import VQGANGenerator
 from clipguide.vqgan_model import VQGAN, VQGANConfig, load_vqgan
 from core_clip import CheckpointError
@@ -142,3 +145,94 @@ def test_imagenet_f16_architecture_decodes_256px_and_backpropagates():
     assert image.shape == (1, 3, 256, 256)
     image.square().mean().backward()
     assert z.grad.isfinite().all() and z.grad.abs().sum() > 0
+
+
+# --- published Lightning checkpoints and named public models --------------------------------------------------------
+
+def _save_like_lightning(path, payload, monkeypatch, classes):
+    """torch.save ``payload(classes)`` while importable stand-ins for Lightning's classes exist (dotted name ->
+    base type), as Lightning pickles them into its checkpoints; the modules are gone again afterwards."""
+    made = {}
+    with monkeypatch.context() as m:
+        for dotted, base in classes.items():
+            module, name = dotted.rsplit(".", 1)
+            parts = module.split(".")
+            for i in range(1, len(parts) + 1):
+                if ".".join(parts[:i]) not in sys.modules:
+                    m.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+            cls = type(name, (base,), {"__module__": module})
+            setattr(sys.modules[module], name, cls)
+            made[name] = cls
+        torch.save(payload(made), path)
+    assert "pytorch_lightning" not in sys.modules
+
+
+def test_published_lightning_checkpoint_with_callback_classes_loads(tmp_path, monkeypatch):
+    source = VQGAN(VQGANConfig(ddconfig=TINY, n_embed=16, embed_dim=4))
+
+    def payload(c):  # the layout of the published taming ckpts (Lightning 1.0)
+        return {"state_dict": source.state_dict(), "epoch": 3, "global_step": 100,
+                "callbacks": {c["ModelCheckpoint"]: {"best_model_score": torch.tensor(0.5), "best_model_path": "x"}},
+                "hyper_parameters": c["AttributeDict"](lr=4.5e-6)}
+
+    _save_like_lightning(tmp_path / "m.ckpt", payload, monkeypatch, {
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint": object,
+        "pytorch_lightning.utilities.parsing.AttributeDict": dict})
+    with pytest.raises(Exception, match="ModelCheckpoint"):  # what a plain weights-only load says
+        torch.load(tmp_path / "m.ckpt", weights_only=True)
+    _taming_yaml(tmp_path / "m.yaml", "taming.models.vqgan.VQModel", source.config)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(load_vqgan(tmp_path / "m.yaml")(x)[0], source.eval()(x)[0])
+
+
+def test_lightning_classes_outside_the_allow_list_are_refused(tmp_path, monkeypatch):
+    source = VQGAN(VQGANConfig(ddconfig=TINY, n_embed=16, embed_dim=4))
+    _save_like_lightning(tmp_path / "m.ckpt", lambda c: {"state_dict": source.state_dict(), "trainer": c["Trainer"]()},
+                         monkeypatch, {"pytorch_lightning.trainer.trainer.Trainer": object})
+    _taming_yaml(tmp_path / "m.yaml", "taming.models.vqgan.VQModel", source.config)
+    with pytest.raises(CheckpointError, match="refusing.*Trainer"):
+        load_vqgan(tmp_path / "m.yaml")
+
+
+@pytest.fixture
+def published_tiny(tmp_path, monkeypatch):
+    """A tiny taming model published at file:// URLs under the name "tiny", and an empty cache folder."""
+    source = VQGAN(VQGANConfig(ddconfig=TINY, n_embed=16, embed_dim=4))
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "last.ckpt")
+    _taming_yaml(tmp_path / "model.yaml", "taming.models.vqgan.VQModel", source.config)
+    monkeypatch.setitem(taming_hub.TAMING_CHECKPOINTS, "tiny", taming_hub.TamingCheckpoint(
+        (tmp_path / "model.yaml").as_uri(), (tmp_path / "last.ckpt").as_uri()))
+    monkeypatch.setenv("CLIPGUIDE_CACHE", str(tmp_path / "cache"))
+    return source
+
+
+def test_named_public_model_is_fetched_once_then_loads_offline(published_tiny, tmp_path, monkeypatch):
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(load_vqgan("tiny")(x)[0], published_tiny.eval()(x)[0])
+    assert sorted(p.name for p in (tmp_path / "cache" / "taming").iterdir()) == ["tiny.ckpt", "tiny.yaml"]
+    (tmp_path / "last.ckpt").unlink()  # the host is gone: the cached copy is used without asking it
+    monkeypatch.setattr("core_clip.hub.hub_reachable", lambda url=None: pytest.fail("network probed"))
+    assert torch.equal(load_vqgan("tiny")(x)[0], published_tiny.eval()(x)[0])
+
+
+def test_named_public_model_offline_says_which_file_goes_where(published_tiny, tmp_path, capsys, monkeypatch):
+    from clipguide.cli import main
+    from core_clip import WeightsUnavailableError
+
+    monkeypatch.setattr("core_clip.hub.hub_reachable", lambda url=None: False)
+    with pytest.raises(WeightsUnavailableError) as error:
+        load_vqgan("tiny")
+    cache = tmp_path / "cache" / "taming"
+    for url, path in ((tmp_path / "model.yaml").as_uri(), cache / "tiny.yaml"), \
+                     ((tmp_path / "last.ckpt").as_uri(), cache / "tiny.ckpt"):
+        assert f"download {url} to {path}" in str(error.value)
+    assert not cache.exists() or not any(cache.iterdir())
+    code = main(["generate", "a red circle", "--backend", "vqgan", "--model", "imagenet-f16-16384",
+                 "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "imagenet-f16-16384" in err
+
+
+def test_unknown_vqgan_name_lists_shipped_and_public_names():
+    with pytest.raises(ClipguideError, match="public: imagenet-f16-1024, imagenet-f16-16384, gumbel-f8"):
+        load_vqgan("nonesuch")
