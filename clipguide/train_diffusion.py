@@ -1,7 +1,7 @@
 """Train the shipped ShapesWorld diffusion model: a small unconditional diffusers UNet2DModel, DDPM objective
 (v-prediction).
 
-    python -m clipguide.train_diffusion --out runs/diffusion --steps 5000
+    python -m clipguide.train_diffusion --out runs/diffusion --steps 6500
     rm -rf clipguide/weights/diffusion-shapes && cp -r runs/diffusion/pipeline clipguide/weights/diffusion-shapes
 
 ``runs/diffusion/pipeline`` is a stock diffusers ``DDPMPipeline`` folder (model_index.json, unet/, scheduler/) holding
@@ -40,7 +40,7 @@ SHAPES_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_
 @dataclass
 class DiffusionTrainConfig:
     out: str
-    steps: int = 5000
+    steps: int = 6500
     batch_size: int = 32
     lr: float = 5e-4
     warmup: int = 200

@@ -1,8 +1,9 @@
 """The shipped ShapesWorld diffusion model: a stock diffusers folder, samples on the ShapesWorld palette, and CLIP
 guidance that changes what it draws toward the prompt (judged by the oracle, never by CLIP).
 
-Not asserted because the shipped model does not reach it yet (issue 6): clean shapes. Its samples are blobs that
-the oracle's strict shape test (IoU >= 0.9 with an ideal circle / square / triangle) rejects.
+The clean-shape bound sits below what the model reaches (19 of these 64 samples), and below the issue's goal of 90%
+(issue 6): the oracle rejects most of the rest for a shape colour that is not flat enough (fewer than 95% of the
+shape's pixels within 15/255 of a background/shape blend).
 """
 import json
 
@@ -26,12 +27,15 @@ def test_shipped_folder_is_a_small_stock_diffusers_pipeline():
     assert DiffusionGenerator.native_size() == (32, 32)
 
 
-def test_unguided_samples_have_plain_palette_backgrounds():
+def test_unguided_samples_have_palette_backgrounds_and_clean_shapes():
     generator = torch.Generator().manual_seed(0)
     images = DiffusionGenerator(64, 32, 32, generator=generator, scale=0.0).sample(None, 50, generator)
-    backgrounds = [shapes.read(im)["background"] for im in images]
+    readings = [shapes.read(im) for im in images]
+    backgrounds = [r["background"] for r in readings]
     assert sum(b is not None for b in backgrounds) >= 0.9 * 64
     assert len(set(backgrounds) - {None}) >= 6      # the palette's colours, not one mode
+    assert sum(r["shape"] is not None for r in readings) >= 12
+    assert len({r["shape"] for r in readings} - {None}) == 3
 
 
 def test_guidance_paints_the_background_the_prompt_asks_for():
