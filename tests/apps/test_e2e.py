@@ -115,8 +115,8 @@ def test_generation_is_what_the_prompt_asked_for(server, client):
     picture = np.asarray(Image.open(files[0]).convert("RGB"))
     assert picture.shape == (32, 32, 3)
     reading = shapes.read(picture)
-    # The shipped models paint the asked background (unguided, seed 0 draws a red one) but not yet a shape clean
-    # enough for the oracle (issue 6), so only the background is asserted.
+    # The shipped model paints the asked background but, guided, rarely a shape clean enough for the oracle (10% of
+    # seen prompts fully right; issue 6), so only the background is asserted.
     assert reading["background"] == "blue", reading
 
 
