@@ -25,8 +25,8 @@ class TamingCheckpoint:
 
 
 def _heibox(share: str) -> TamingCheckpoint:
-    base = f"https://heibox.uni-heidelberg.de/d/{share}/files/?dl=1&p="
-    return TamingCheckpoint(base + "%2Fconfigs%2Fmodel.yaml", base + "%2Fckpts%2Flast.ckpt")
+    url = f"https://heibox.uni-heidelberg.de/d/{share}/files/?p=%2F{{}}&dl=1"
+    return TamingCheckpoint(url.format("configs%2Fmodel.yaml"), url.format("ckpts%2Flast.ckpt"))
 
 
 # The checkpoints of the taming-transformers README that VQGAN+CLIP uses; their architectures are TAMING_CONFIGS.
