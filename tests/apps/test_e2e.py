@@ -108,16 +108,17 @@ def test_generation_is_what_the_prompt_asked_for(server, client):
     assert server.model == DIFFUSION_MODEL, (
         f"no ShapesWorld diffusion model at {DIFFUSION_MODEL}: ship clipguide/weights/diffusion-shapes/ (or point "
         "CLIPGUIDE_TEST_DIFFUSION_MODEL at a trained pipeline folder)")
+    # One of the seen-pair prompts that the shipped model draws right with the app's settings (`python -m
+    # clipguide.evaluate --backend diffusion` case 20, seed 20); guided, it gets only 10% of them fully right so far
+    # (issue 6), so this checks the whole path from the browser API to the PNG, not the model's general quality.
     image, gallery, status, files, seed = client.predict(
-        **request(prompt="a red circle on a blue background", backend="diffusion", steps=50, size=32, seed=0,
+        **request(prompt="a yellow square on a blue background", backend="diffusion", steps=50, size=32, seed=20,
                   cutn=16, scheduler="ddpm"), api_name="/generate")
-    assert status.startswith("Done: 1 image(s)") and seed == 0
+    assert status.startswith("Done: 1 image(s)") and seed == 20
     picture = np.asarray(Image.open(files[0]).convert("RGB"))
     assert picture.shape == (32, 32, 3)
     reading = shapes.read(picture)
-    # The shipped model paints the asked background but, guided, rarely a shape clean enough for the oracle (10% of
-    # seen prompts fully right; issue 6), so only the background is asserted.
-    assert reading["background"] == "blue", reading
+    assert (reading["color"], reading["shape"], reading["background"]) == ("yellow", "square", "blue"), reading
 
 
 def test_previews_stream_and_pngs_carry_their_settings(server, client):
