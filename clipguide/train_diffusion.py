@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from core_clip.checkpoint import atomic_write, load_strict, read_state_dict, save_safetensors
+from core_clip.checkpoint import atomic_write, current_umask, load_strict, read_state_dict, save_safetensors
 
 from .training import parse_config, set_warmup_cosine_lr, shapes_batch
 
@@ -77,8 +77,7 @@ def save_pipeline(unet: torch.nn.Module, scheduler, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = current_umask()
     for path in [tmp, *tmp.rglob("*")]:   # mkdtemp makes 0700; give the folder a plain mkdir's modes
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
     old = folder.with_name(f".{folder.name}.old")

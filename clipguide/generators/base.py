@@ -5,7 +5,8 @@ A generator turns its own parameters into images [B, 3, H, W] in [0, 1]. Every b
     sample(guidance, steps, generator, callback) -> images [B, 3, H, W]
 
 so ``guide()`` never branches on the kind of backend. Every backend class also answers
-``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for) and ``default_steps``. Optimisation backends (pixels, fourier, vqgan) subclass
+``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for) and ``default_steps``.
+Optimisation backends (pixels, fourier, vqgan) subclass
 :class:`OptimisedGenerator`, which implements ``sample`` as Adam on ``parameters()`` through ``decode()``;
 sampling backends (diffusion) implement ``sample`` themselves.
 """
@@ -63,12 +64,16 @@ def check_init(init: Optional[torch.Tensor], batch: int, height: int, width: int
 
 
 def check_options(factory: Callable, name: str, options: dict) -> None:
-    """ClipguideError naming any key of ``options`` that backend ``factory`` does not take (a factory with
-    ``**kwargs`` checks its own)."""
+    """ClipguideError naming any key of ``options`` that backend ``factory`` does not take: its keyword-only
+    parameters, plus the names in its ``extra_options`` attribute when it forwards ``**kwargs`` (a factory with
+    ``**kwargs`` and no ``extra_options`` checks its own)."""
     params = inspect.signature(factory).parameters
+    known = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in ("generator", "init")]
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    known = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in ("generator", "init"))
+        if not hasattr(factory, "extra_options"):
+            return
+        known += factory.extra_options
+    known = sorted(known)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ClipguideError(f"backend {name!r} has no option {', '.join(map(repr, unknown))}; "

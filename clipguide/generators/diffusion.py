@@ -23,7 +23,7 @@ from ..diffusion import (DiffusionGuidanceConfig, GuidedForward, check_scheduler
 from ..errors import ClipguideError
 from ..guidance import CLIPGuidance
 from ..registry import Registry
-from .base import GENERATORS, StepCallback, check_init, check_size
+from .base import GENERATORS, StepCallback, check_init, check_options, check_size
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
@@ -156,6 +156,7 @@ class DiffusionGenerator(nn.Module):
     """
 
     default_steps = 50
+    extra_options = tuple(f.name for f in fields(DiffusionGuidanceConfig))   # what **guidance takes
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
                  init: Optional[torch.Tensor] = None, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes",
@@ -163,11 +164,7 @@ class DiffusionGenerator(nn.Module):
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
-        unknown = sorted(set(guidance) - {f.name for f in fields(DiffusionGuidanceConfig)})
-        if unknown:
-            raise ClipguideError(f"backend 'diffusion' has no option {', '.join(map(repr, unknown))}; its options: "
-                                 "model, scheduler, strength, eta, "
-                                 + ", ".join(f.name for f in fields(DiffusionGuidanceConfig)))
+        check_options(type(self), "diffusion", guidance)
         self.config = DiffusionGuidanceConfig(**guidance)
         if not 0 < strength <= 1:
             raise ClipguideError(f"strength must be in (0, 1], got {strength}")
