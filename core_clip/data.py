@@ -123,14 +123,14 @@ def _torch_generator(*key: int) -> torch.Generator:
 def _warp(image: torch.Tensor, side: float, tx: float, ty: float) -> torch.Tensor:
     """Resample image [3, H, W] from a window ``side`` times its size centred at (tx, ty) in normalised coordinates
     (the image spans [-1, 1]); where the window leaves the image it sees the image's reflection."""
-    theta = torch.tensor([[[side, 0.0, tx], [0.0, side, ty]]], dtype=image.dtype)
+    theta = torch.tensor([[[side, 0.0, tx], [0.0, side, ty]]], dtype=image.dtype, device=image.device)
     grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
     return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
 
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of image [C, H, W] (H, W > _BLUR_RADIUS) with reflected borders."""
-    x = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=image.dtype)
+    x = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     c = image.shape[0]
@@ -168,7 +168,8 @@ class Augment:
             raise DataError(f"augment blur is a probability in [0, 1], got {self.blur}")
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """float [3, H, W] in [0, 1] -> float [3, H, W] clamped to [0, 1]."""
+        """float [3, H, W] in [0, 1] on any device -> float [3, H, W] clamped to [0, 1]; differentiable.
+        ``generator`` is a CPU generator."""
         # One fixed-size draw with a slot per choice, so enabling one option does not reshuffle the others.
         flip, area, crop_x, crop_y, shift_x, shift_y, blur, sigma, noise = torch.rand(
             9, generator=generator, dtype=torch.float64).tolist()
@@ -184,7 +185,7 @@ class Augment:
             image = _gaussian_blur(image, 0.5 + 0.5 * sigma)
         std = self.noise * noise
         if std > 0:
-            image = image + std * torch.randn(image.shape, generator=generator, dtype=image.dtype)
+            image = image + std * torch.randn(image.shape, generator=generator, dtype=image.dtype).to(image.device)
         return image.clamp(0, 1)
 
 
@@ -305,10 +306,14 @@ class ShapesPairs(PairDataset):
     Item i of epoch e, all seeded by (seed, e, i): a scene drawn uniformly from the split's valid scenes (train,
     val and test exclude the held-out colour-shape pairs), a jittered render at image_size, and a random caption
     template. facts: all five scene attributes; claims: the attributes the caption mentions.
+
+    With ``twins``, every odd item shows a :func:`core_clip.shapes.counterfactual` of the scene of the item before
+    it (colours swapped, or one attribute changed); the loader keeps each pair in one batch (``group = 2``), so
+    every picture meets a caption that differs from its own only in what goes with what.
     """
 
     def __init__(self, n: int, seed: int, split: str = "train", image_size: int = 64,
-                 augment: Augment | None = None):
+                 augment: Augment | None = None, twins: bool = False):
         super().__init__(image_size, augment, seed)
         if split not in shapes.SPLITS:
             raise DataError(f"unknown ShapesWorld split {split!r}; expected one of {shapes.SPLITS}")
@@ -316,21 +321,31 @@ class ShapesPairs(PairDataset):
             raise DataError(f"ShapesWorld samples per epoch must be >= 1, got {n}")
         if image_size < 8:
             raise DataError(f"ShapesWorld image size must be >= 8, got {image_size}")
+        if twins and n % 2:
+            raise DataError(f"ShapesWorld twins come in pairs: samples per epoch must be even, got {n}")
         self.n = n
         self.split = split
+        self.twins = twins
+
+    @property
+    def group(self) -> int:
+        """Consecutive items that must share a batch."""
+        return 2 if self.twins else 1
 
     def __len__(self) -> int:
         return self.n
 
     def scene(self, i: int) -> shapes.Scene:
         """The scene item i shows in the current epoch, without rendering it."""
-        return self._draw_scene(self._rng(i))
+        return self._draw_scene(i, self._rng(i))
 
-    def _draw_scene(self, rng: np.random.Generator) -> shapes.Scene:
+    def _draw_scene(self, i: int, rng: np.random.Generator) -> shapes.Scene:
+        if self.twins and i % 2:
+            return shapes.counterfactual(self.scene(i - 1), rng)
         return shapes.sample_scenes(1, int(rng.integers(2**63)), self.split)[0]
 
     def _sample(self, i: int, rng: np.random.Generator) -> Sample:
-        scene = self._draw_scene(rng)
+        scene = self._draw_scene(i, rng)
         image = as_image_batch(shapes.render(scene, self.image_size, rng))[0].contiguous()  # not a HWC view
         caption, claims = shapes.caption_with_claims(scene, rng)
         return Sample(image, caption, shapes.scene_facts(scene), claims)
@@ -362,19 +377,22 @@ class DigitsPairs(PairDataset):
 
 
 def build_dataset(data: str, *, split: str, image_size: int, seed: int, augment: Augment | None,
-                  n: int | None = None) -> PairDataset:
+                  n: int | None = None, twins: bool = False) -> PairDataset:
     """The dataset named by ``data``.
 
     "shapes" -> :class:`ShapesPairs` with n samples per epoch (default SHAPES_TRAIN_SIZE for train,
     SHAPES_EVAL_SIZE otherwise); "digits" -> :class:`DigitsPairs` (split "train" or "test"); a path ending .csv ->
     :class:`FilePairs` of its rows; an existing folder -> :class:`FilePairs` of its captioned images. File datasets
     have no splits (``split`` is not used; give validation its own CSV or folder). ``n`` is the epoch length of
-    generated data: fixed-size datasets (digits, files) ignore it.
+    generated data: fixed-size datasets (digits, files) ignore it. ``twins``: ShapesWorld's counterfactual pairs
+    (see :class:`ShapesPairs`); other data has no attributes to make them from.
     """
+    if twins and data != "shapes":
+        raise DataError(f"twins are made from ShapesWorld scenes; {data!r} has none")
     if data == "shapes":
         if n is None:
             n = SHAPES_TRAIN_SIZE if split == "train" else SHAPES_EVAL_SIZE
-        return ShapesPairs(n, seed, split, image_size, augment)
+        return ShapesPairs(n, seed, split, image_size, augment, twins)
     if data == "digits":
         return DigitsPairs(split, image_size, augment, seed)
     if data.lower().endswith(".csv"):
@@ -407,11 +425,16 @@ class EpochSampler(Sampler[list[int]]):
     All ranks share one permutation of range(dataset_len) seeded by (seed, epoch); global batch b is
     perm[b*B*W : (b+1)*B*W] (B = batch_size, W = world_size), of which rank r takes the r-th slice of B. Yields this
     rank's index lists from batch ``start_batch`` on, so a resumed run skips exactly the batches already done.
+    ``group`` > 1 permutes runs of that many consecutive items instead (dataset_len and batch_size must be
+    multiples of it), so each run lands in one batch; group 1 is the plain permutation.
     """
 
     def __init__(self, dataset_len: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
-                 world_size: int = 1, start_batch: int = 0) -> None:
+                 world_size: int = 1, start_batch: int = 0, group: int = 1) -> None:
         super().__init__()
+        if group < 1 or dataset_len % group or batch_size % group:
+            raise DataError(f"items come in groups of {group}: the dataset ({dataset_len}) and the batch size "
+                            f"({batch_size}) must be multiples of it")
         self.batches = batches_per_epoch(dataset_len, batch_size, world_size)
         if not 0 <= rank < world_size:
             raise DataError(f"rank must be in [0, {world_size}), got {rank}")
@@ -420,13 +443,15 @@ class EpochSampler(Sampler[list[int]]):
         if seed < 0 or epoch < 0:
             raise DataError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
         self.dataset_len, self.batch_size, self.seed, self.epoch = dataset_len, batch_size, seed, epoch
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.rank, self.world_size, self.start_batch, self.group = rank, world_size, start_batch, group
 
     def __len__(self) -> int:
         return self.batches - self.start_batch
 
     def __iter__(self) -> Iterator[list[int]]:
-        perm = torch.randperm(self.dataset_len, generator=_torch_generator(_PERMUTATION_STREAM, self.seed, self.epoch))
+        generator = _torch_generator(_PERMUTATION_STREAM, self.seed, self.epoch)
+        runs = torch.randperm(self.dataset_len // self.group, generator=generator)
+        perm = (runs[:, None] * self.group + torch.arange(self.group)).flatten()
         for b in range(self.start_batch, self.batches):
             start = (b * self.world_size + self.rank) * self.batch_size
             yield perm[start : start + self.batch_size].tolist()
@@ -465,7 +490,7 @@ def make_loader(dataset: PairDataset, batch_size: int, *, seed: int, epoch: int,
     any number of ``workers``."""
     dataset.set_epoch(epoch)
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                           start_batch=start_batch)
+                           start_batch=start_batch, group=getattr(dataset, "group", 1))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=False)
 

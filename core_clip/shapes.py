@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -329,6 +329,26 @@ def sample_scenes(n: int, seed: int, split: str = "train") -> list[Scene]:
     pool = _HELD_OUT_SCENES if split == "heldout" else _TRAINABLE_SCENES
     rng = np.random.default_rng([seed, _SAMPLE_STREAM, SPLITS.index(split)])
     return [pool[i] for i in rng.integers(len(pool), size=n)]
+
+
+def counterfactual(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A scene that a caption of ``scene`` can confuse with it: the shape and background colours swapped, or one
+    of the shape's colour, the shape or the background changed (each kind equally likely), keeping size and
+    position. The twin's colour-shape pair is held out exactly when the original's is, so twins stay in their
+    split."""
+    others = [c for c in COLORS if c not in (scene.color, scene.background)]
+    while True:
+        kind = int(rng.integers(4))
+        if kind == 0:
+            twin = replace(scene, color=scene.background, background=scene.color)
+        elif kind == 1:
+            twin = replace(scene, color=str(rng.choice(others)))
+        elif kind == 2:
+            twin = replace(scene, background=str(rng.choice(others)))
+        else:
+            twin = replace(scene, shape=str(rng.choice([s for s in SHAPES if s != scene.shape])))
+        if twin.held_out == scene.held_out:
+            return twin
 
 
 # ------------------------------------------------------------------- oracle

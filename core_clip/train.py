@@ -33,6 +33,7 @@ from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader,
 from .errors import CheckpointError, CoreClipError
 from .loss import ClipLoss, SigLipLoss
 from .model import ClipModel, load
+from .negatives import NegativeBuffer, NegativeConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)
 CHECKPOINTS = "checkpoints"
@@ -41,7 +42,7 @@ METRICS = "metrics.jsonl"
 STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
-                     "adv_eps", "adv_steps", "adv_start")
+                     "adv_eps", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start", "twins")
 
 
 @dataclass
@@ -71,6 +72,14 @@ class TrainConfig:
     adv_steps: int = field(default=1, metadata={"help": "attack steps per batch when --adv-eps > 0"})
     adv_start: int = field(default=0, metadata={
         "help": "clean optimiser steps before adversarial training starts (learn the content first, then robustness)"})
+    twins: bool = field(default=False, metadata={
+        "help": "shapes: every picture shares its batch with a counterfactual twin (colours swapped or one attribute "
+                "changed), hard negatives for what goes with what"})
+    negatives: int = field(default=0, metadata={
+        "help": "guidance negatives per micro-batch: images climbed towards captions under the model itself, "
+                "trained as matching only a null caption, so that CLIP guidance finds real pictures (0: off)"})
+    negative_steps: int = field(default=4, metadata={"help": "ascent steps per drawn negative and training step"})
+    negative_start: int = field(default=0, metadata={"help": "optimiser steps before guidance negatives start"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
@@ -201,7 +210,7 @@ class Trainer:
 
         augment = Augment() if cfg.augment else None
         self.dataset = build_dataset(cfg.data, split="train", image_size=self.model.image_size, seed=cfg.seed,
-                                     augment=augment, n=cfg.samples_per_epoch)
+                                     augment=augment, n=cfg.samples_per_epoch, twins=cfg.twins)
         micro_batches = batches_per_epoch(len(self.dataset), cfg.batch_size, self.dist.world_size)
         self.steps_per_epoch = micro_batches // cfg.accum_steps
         if self.steps_per_epoch == 0:
@@ -217,6 +226,14 @@ class Trainer:
         self.loss_fn = (SigLipLoss(**loss_kwargs) if cfg.loss == "siglip"
                         else ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True, **loss_kwargs))
         self.attack_loss = ClipLoss()  # the attack of --adv-eps is local to each process
+        self.negatives = None
+        if cfg.negatives:
+            if not cfg.multi_positive:
+                raise TrainError("--negatives needs multi-positive targets: every climbed image matches every copy "
+                                 "of the null caption")
+            self.negatives = NegativeBuffer(NegativeConfig(count=cfg.negatives, steps=cfg.negative_steps),
+                                            image_size=self.model.image_size,
+                                            seed=(cfg.seed * 1_000_003 + self.dist.rank) % 2**63)
         self.checkpoints = Checkpoints(self.out, cfg.keep_checkpoints)
         self.step = 0
         if cfg.resume:
@@ -227,11 +244,11 @@ class Trainer:
     def _validate(self) -> None:
         cfg = self.cfg
         for name in ("epochs", "batch_size", "accum_steps", "samples_per_epoch", "save_every", "keep_checkpoints",
-                     "adv_steps"):
+                     "adv_steps", "negative_steps"):
             if getattr(cfg, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
         for name in ("warmup_steps", "eval_every", "max_steps", "workers", "grad_clip", "weight_decay", "adv_eps",
-                     "adv_start"):
+                     "adv_start", "negatives", "negative_start"):
             if getattr(cfg, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
         if not cfg.lr > 0:
@@ -243,10 +260,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _state(self) -> dict:
+    def _state(self, negatives: list[dict] | None) -> dict:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "config": asdict(self.cfg), "world_size": self.dist.world_size,
-                "cpu_rng": torch.get_rng_state()}
+                "cpu_rng": torch.get_rng_state(), "negatives": negatives}
+
+    def _negative_states(self) -> list[dict] | None:
+        """Every rank's negatives buffer state, by rank (collective when distributed)."""
+        if self.negatives is None:
+            return None
+        state = self.negatives.state_dict()
+        if self.dist.world_size == 1:
+            return [state]
+        states: list = [None] * self.dist.world_size
+        dist.all_gather_object(states, state)
+        return states
 
     def _resume(self) -> None:
         path = self.checkpoints.latest()
@@ -263,6 +291,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["cpu_rng"])
+        if self.negatives is not None:
+            self.negatives.load_state_dict(state["negatives"][self.dist.rank])
         self.step = state["step"]
         if self.dist.main:
             self._truncate_metrics()
@@ -338,6 +368,8 @@ class Trainer:
         """One optimiser step over ``accum_steps`` micro-batches; returns the loss of the whole effective batch."""
         if self.cfg.adv_eps and self.step >= self.cfg.adv_start:
             batches = [self._adversarial(b, j) for j, b in enumerate(batches)]
+        if self.negatives is not None and self.step >= self.cfg.negative_start:
+            batches = [self.negatives.extend(b, self.negatives.draw(self.model, b)) for b in batches]
         pos = self._positives(batches)
         if len(batches) == 1:
             with self._autocast():
@@ -435,8 +467,9 @@ class Trainer:
         return self.model
 
     def _save(self) -> None:
+        negatives = self._negative_states()
         if self.dist.main:
-            self.checkpoints.save(self.model, self._state(), self.step)
+            self.checkpoints.save(self.model, self._state(negatives), self.step)
         if self.dist.world_size > 1:
             dist.barrier()
 

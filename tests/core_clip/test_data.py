@@ -1,4 +1,6 @@
 """CSV pair lists, the digits split, and the training datasets, sampler and loader."""
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,7 @@ from core_clip.data import (
     read_pairs_csv,
 )
 from core_clip.errors import DataError, ImageReadError
-from core_clip.shapes import ATTRIBUTES, read, scene_facts
+from core_clip.shapes import ATTRIBUTES, counterfactual, read, sample_scenes, scene_facts
 
 
 def _image(path):
@@ -179,6 +181,47 @@ def test_shapes_claims_hold_and_the_oracle_reads_the_facts():
             a: v for a, v in s.facts if a in ("shape", "color", "background")}
     batch = collate(samples[:64])
     assert positives(batch.facts, batch.claims).diagonal().all()
+
+
+def _binding(scene):
+    return scene.color, scene.shape, scene.background
+
+
+def test_counterfactual_twins_differ_only_in_what_goes_with_what():
+    rng = np.random.default_rng(0)
+    kinds = Counter()
+    for scene in sample_scenes(400, seed=1) + sample_scenes(100, seed=1, split="heldout"):
+        twin = counterfactual(scene, rng)
+        assert (twin.size, twin.position, twin.held_out) == (scene.size, scene.position, scene.held_out)
+        (c, s, b), (c2, s2, b2) = _binding(scene), _binding(twin)
+        if (c2, b2) == (b, c):
+            kinds["swap"] += s2 == s
+        else:
+            changed = [x != y for x, y in zip((c, s, b), (c2, s2, b2))]
+            assert sum(changed) == 1, (scene, twin)
+            kinds[("color", "shape", "background")[changed.index(True)]] += 1
+    assert set(kinds) == {"swap", "color", "shape", "background"} and min(kinds.values()) > 60
+
+
+def test_shapes_twins_share_a_batch_with_their_pair():
+    ds = ShapesPairs(64, seed=2, twins=True)
+    for i in range(0, 64, 2):
+        first, second = ds.scene(i), ds.scene(i + 1)
+        assert second != first and (second.size, second.position) == (first.size, first.position)
+        assert not second.held_out
+    seq = list(EpochSampler(64, 16, seed=0, epoch=1, group=2))
+    assert all(idx[k] % 2 == 0 and idx[k + 1] == idx[k] + 1 for idx in seq for k in range(0, 16, 2))
+    assert sorted(i for idx in seq for i in idx) == list(range(64))
+    batches = list(make_loader(ds, 16, seed=0, epoch=1))  # the loader groups the dataset's pairs
+    assert [b.facts for b in batches] == [[scene_facts(ds.scene(i)) for i in idx] for idx in seq]
+    # group 1 is the plain permutation the sampler always made
+    assert list(EpochSampler(64, 16, seed=0, epoch=1, group=1)) == list(EpochSampler(64, 16, seed=0, epoch=1))
+    with pytest.raises(DataError, match="even"):
+        ShapesPairs(63, seed=0, twins=True)
+    with pytest.raises(DataError, match="multiples"):
+        make_loader(ds, 15, seed=0, epoch=0)
+    with pytest.raises(DataError, match="ShapesWorld scenes"):
+        build_dataset("digits", split="train", image_size=32, seed=0, augment=None, twins=True)
 
 
 # ----------------------------------------------------------------------------------------------- Augment
