@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .data import Attributes, Augment, Batch
 from .errors import CoreClipError
+from .model import ClipModel
 
 # What a climbed image "shows" and what the null caption "claims": nothing a real image or caption has.
 NEGATIVE: Attributes = frozenset({("negative", "guidance")})
@@ -89,10 +90,10 @@ class NegativeBuffer:
         self.images, self.captions, self.grids = state["images"], list(state["captions"]), state["grids"]
         self.generator.set_state(state["generator"])
 
-    def draw(self, model, batch: Batch) -> torch.Tensor:
-        """Climb ``count`` chains a few steps under ``model`` (a :class:`core_clip.model.ClipModel`, used in eval
-        mode) and return the climbed images float [count, 3, S, S] in [0, 1] on the model's device. Restarted
-        chains take a caption of ``batch`` and start from noise or from one of its images."""
+    def draw(self, model: ClipModel, batch: Batch) -> torch.Tensor:
+        """Climb ``count`` chains a few steps under ``model`` (used in eval mode) and return the climbed images
+        float [count, 3, S, S] in [0, 1] on the model's device. Restarted chains take a caption of ``batch`` and
+        start from noise or from one of its images."""
         cfg, g = self.cfg, self.generator
         index = torch.randperm(cfg.buffer, generator=g)[: cfg.count]
         restart = torch.rand(cfg.count, generator=g) < cfg.restart
@@ -117,7 +118,8 @@ class NegativeBuffer:
         self.images[index] = images.cpu()
         return images
 
-    def _climb(self, model, images: torch.Tensor, targets: torch.Tensor, grids: Sequence[float]) -> torch.Tensor:
+    def _climb(self, model: ClipModel, images: torch.Tensor, targets: torch.Tensor,
+               grids: Sequence[float]) -> torch.Tensor:
         side = images.shape[-1]
         for _ in range(self.cfg.steps):
             images = images.detach().requires_grad_(True)
