@@ -210,8 +210,10 @@ class PairDataset(Dataset):
 
     Subclasses implement ``__len__`` and ``_sample(i, rng)``, which builds the un-augmented sample from a numpy
     generator seeded by (seed, epoch, i); the base class then applies ``augment`` with a torch generator from a
-    separate (seed, epoch, i) stream.
+    separate (seed, epoch, i) stream. ``group``: how many consecutive items must share a batch (1: none).
     """
+
+    group: int = 1
 
     def __init__(self, image_size: int, augment: Augment | None, seed: int) -> None:
         if image_size < 1:
@@ -329,7 +331,6 @@ class ShapesPairs(PairDataset):
 
     @property
     def group(self) -> int:
-        """Consecutive items that must share a batch."""
         return 2 if self.twins else 1
 
     def __len__(self) -> int:
@@ -490,7 +491,7 @@ def make_loader(dataset: PairDataset, batch_size: int, *, seed: int, epoch: int,
     any number of ``workers``."""
     dataset.set_epoch(epoch)
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                           start_batch=start_batch, group=getattr(dataset, "group", 1))
+                           start_batch=start_batch, group=dataset.group)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=False)
 

@@ -6,9 +6,8 @@ A generator turns its own parameters into images [B, 3, H, W] in [0, 1]. Every b
 
 so ``guide()`` never branches on the kind of backend. Every backend class also answers
 ``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for) and ``default_steps``.
-Optimisation backends (pixels, fourier, vqgan) subclass
-:class:`OptimisedGenerator`, which implements ``sample`` as Adam on ``parameters()`` through ``decode()``;
-sampling backends (diffusion) implement ``sample`` themselves.
+Optimisation backends (pixels, fourier, vqgan) subclass :class:`OptimisedGenerator`, which implements ``sample`` as
+Adam on ``parameters()`` through ``decode()``; sampling backends (diffusion) implement ``sample`` themselves.
 """
 from __future__ import annotations
 
