@@ -2,7 +2,8 @@
 
     (a) the shipped `shapes` pixel model (32 px) + the `shapes` CLIP, cutn 16, DDPM steps
     (b) a Stable-Diffusion-1.5-sized latent pipeline (random-init UNet2DConditionModel, AutoencoderKL and
-        ViT-B-32 guidance CLIP), 512 px, classifier-free guidance 7.5, 4 cutouts, DDIM steps; fp16 weights on CUDA
+        ViT-B-32 guidance CLIP), 512 px, classifier-free guidance 7.5, 4 cutouts, DDIM steps; fp16 UNet and VAE,
+        bf16 CLIP on CUDA
 
 Each row times the same sampling loop three ways: unguided (guidance scale 0, the UNet's output untouched), guided
 with the exact gradient (back-propagated through the UNet and the VAE decoder), and guided with the cheap gradient
@@ -88,7 +89,8 @@ def main() -> None:
                 scale=500.0)
     if args.only in (None, "b"):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        guidance = CLIPGuidance(prompt, Perceptor(core_clip.load("ViT-B-32", device=device)), cutn=4)
+        clip = core_clip.load("ViT-B-32", device=device, precision="bf16" if device.type == "cuda" else "fp32")
+        guidance = CLIPGuidance(prompt, Perceptor(clip), cutn=4)
         compare(f"(b) SD1.5-size {args.size:4d} px cutn 4 ", sd15(device, dtype), guidance, args.size, args.steps,
                 device, scale=500.0)
 

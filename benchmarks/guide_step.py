@@ -16,10 +16,12 @@ Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU the process's pea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,7 +58,8 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def time_steps(guidance: CLIPGuidance, backend, steps: int, device: torch.device) -> tuple[float, float]:
-    """ms per step and peak MiB of ``steps`` Adam steps of ``backend`` under ``guidance`` (after 2 warm-ups)."""
+    """ms per step and peak MiB of ``steps`` Adam steps of ``backend`` under ``guidance`` (after 3 warm-ups: a
+    compiled step compiles on the first and records its CUDA graphs on the second)."""
     optimizer = torch.optim.Adam([p for p in backend.parameters() if p.requires_grad], lr=0.05)
 
     def step():
@@ -65,7 +68,7 @@ def time_steps(guidance: CLIPGuidance, backend, steps: int, device: torch.device
         loss.backward()
         optimizer.step()
 
-    for _ in range(2):
+    for _ in range(3):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -77,18 +80,37 @@ def time_steps(guidance: CLIPGuidance, backend, steps: int, device: torch.device
     return 1000 * (time.perf_counter() - start) / steps, _peak_mib(device)
 
 
-def compare(label: str, model: core_clip.ClipModel, make_backend, cutn: int, steps: int,
-            device: torch.device) -> None:
-    """Time the notebooks' per-cut loop and clipguide's batched cutouts on fresh backends from ``make_backend()``."""
-    perceptor = Perceptor(model)
-    ours = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
-    loop = CLIPGuidance("a red circle on a blue background", perceptor, cutn=cutn)
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compare(label: str, load_model: Callable[[str], core_clip.ClipModel], make_backend, cutn: int, steps: int,
+            device: torch.device, compile: bool = False) -> None:
+    """Time the notebooks' per-cut loop (fp32 throughout) and clipguide's batched step (bf16 CLIP on CUDA), and with
+    ``compile`` clipguide compiled, each on a fresh backend from ``make_backend(reference)`` and a fresh model from
+    ``load_model(precision)``, one after another so that each peak counts only its own model."""
+    prompt = "a red circle on a blue background"
+    loop = CLIPGuidance(prompt, Perceptor(load_model("fp32")), cutn=cutn)
+    loop.perceptor.autocast = contextlib.nullcontext
     min_size = ClassicCutouts().min_size
     loop.cutouts = lambda images, n, size, generator: notebook_cutouts(images, n, size, generator, min_size)
-    ms_loop, mem_loop = time_steps(loop, make_backend(), steps, device)
-    ms_ours, mem_ours = time_steps(ours, make_backend(), steps, device)
-    print(f"{label}: notebook loop {ms_loop:8.1f} ms/step (peak {mem_loop:7.0f} MiB) | clipguide {ms_ours:8.1f} "
-          f"ms/step (peak {mem_ours:7.0f} MiB) | speed-up {ms_loop / ms_ours:.2f}x")
+    ms_loop, mem_loop = time_steps(loop, make_backend(True), steps, device)
+    print(f"{label}: notebook loop      {ms_loop:8.1f} ms/step (peak {mem_loop:7.0f} MiB)", flush=True)
+    del loop
+    _free(device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    for compiled in (False, True) if compile else (False,):
+        backend = make_backend(False)
+        if compiled:
+            backend.compile_decode()
+        ours = CLIPGuidance(prompt, Perceptor(load_model(precision), compile=compiled), cutn=cutn)
+        ms, mem = time_steps(ours, backend, steps, device)
+        name = "clipguide compiled" if compiled else "clipguide         "
+        print(f"{'':{len(label)}}  {name} {ms:8.1f} ms/step (peak {mem:7.0f} MiB) | speed-up {ms_loop / ms:.2f}x, "
+              f"memory {mem / mem_loop:.2f}x", flush=True)
+        del ours, backend
+        _free(device)
 
 
 def parse_args(parser: argparse.ArgumentParser, steps: int) -> tuple[argparse.Namespace, torch.device]:
@@ -97,11 +119,12 @@ def parse_args(parser: argparse.ArgumentParser, steps: int) -> tuple[argparse.Na
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="also time clipguide with compile=True")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after 2 warm-ups")
+    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps")
     return args, device
 
 
@@ -111,15 +134,14 @@ def main() -> None:
     args, device = parse_args(parser, steps=20)
 
     def pixels(canvas: int):
-        return lambda: GENERATORS.get("pixels")(1, canvas, canvas, generator=torch.Generator(device).manual_seed(0),
-                                                resolution=None)
+        return lambda reference: GENERATORS.get("pixels")(1, canvas, canvas, resolution=None,
+                                                          generator=torch.Generator(device).manual_seed(0))
 
-    if args.only in (None, "a"):
-        compare("(a) shapes     64 px cutn 16", core_clip.load("shapes", device=device), pixels(64), 16, args.steps,
-                device)
-    if args.only in (None, "b"):
-        compare("(b) ViT-B-32  224 px cutn 32", core_clip.load("ViT-B-32", device=device), pixels(256), 32,
-                args.steps, device)
+    for key, label, name, canvas, cutn in (("a", "(a) shapes     64 px cutn 16", "shapes", 64, 16),
+                                           ("b", "(b) ViT-B-32  224 px cutn 32", "ViT-B-32", 256, 32)):
+        if args.only in (None, key):
+            compare(label, lambda precision: core_clip.load(name, device=device, precision=precision), pixels(canvas),
+                    cutn, args.steps, device, args.compile)
 
 
 if __name__ == "__main__":

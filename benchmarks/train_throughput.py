@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="core_clip's --compile (open_clip_train's side eager)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -73,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(data="shapes", out=tmp, model=args.model, batch_size=args.batch_size, samples_per_epoch=
                           args.batch_size, precision=args.precision, multi_positive=False, augment=False,
-                          progress=False, device=args.device, warmup_steps=0)
+                          progress=False, device=args.device, warmup_steps=0, compile=args.compile)
         ours = Trainer(cfg)
     device = ours.device
     theirs_model = copy.deepcopy(ours.model.clip)
@@ -116,7 +117,8 @@ def main() -> None:
     t_ours = timed(lambda data: [ours._train_step([b]) for b in data], batches)
     samples = args.steps * args.batch_size
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads)"
-    print(f"{args.model}, batch {args.batch_size}, {args.precision}, {args.steps} steps on {name}")
+    print(f"{args.model}, batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}, "
+          f"{args.steps} steps on {name}")
     print(f"open_clip_train : {samples / t_theirs:9.1f} samples/s")
     print(f"core_clip       : {samples / t_ours:9.1f} samples/s")
     print(f"ratio           : {t_theirs / t_ours:9.2f}x")

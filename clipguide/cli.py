@@ -44,7 +44,7 @@ def cmd_generate(args) -> None:
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
-                   progress=not args.json, device=args.device,
+                   progress=not args.json, device=args.device, compile=args.compile,
                    **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts)) if v},
                    backend_options=backend_options)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
     p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile CLIP and the decoder (slow start, faster steps: for long runs on a GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
     p = sub.add_parser("score", help="CLIP score of images against a prompt or their captions")

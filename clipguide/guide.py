@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from core_clip.preprocess import Images, as_image_batch, open_image
 
 from .errors import ClipguideError
-from .generators import GENERATORS, check_options
+from .generators import GENERATORS, OptimisedGenerator, check_options
 from .guidance import CLIPGuidance, PromptsLike, as_prompts
 from .perceptor import ModelSpec, Perceptor
 from .prompts import Prompt, negative_prompts, parse_prompts
@@ -108,7 +108,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
           init_image: Union[str, os.PathLike, Images, None] = None, backend_options: Optional[dict] = None,
           callback: Optional[Callable[[int, dict, torch.Tensor], None]] = None,
           frames: Union[str, os.PathLike, None] = None, frame_every: int = 1, progress: bool = False,
-          device: Union[str, torch.device, None] = None, **guidance_options) -> GuideResult:
+          device: Union[str, torch.device, None] = None, compile: bool = False, **guidance_options) -> GuideResult:
     """Steer ``backend`` towards ``prompts`` with CLIP and return the pictures.
 
     Args:
@@ -129,6 +129,9 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
         callback: called after every step as callback(step, losses, images [B, 3, H, W] detached).
         frames: folder for frame_NNNNN.png every ``frame_every`` steps (and frames.mp4 if imageio-ffmpeg is installed).
         progress: show a tqdm bar.
+        compile: torch.compile the CLIP image towers and an optimisation backend's decoder (CUDA graphs on CUDA;
+            see :mod:`clipguide.compiling`): tens of seconds up front for faster steps, worth it for long runs.
+            Ignored for a ready :class:`Perceptor` passed as ``clip`` (give it ``compile=True`` yourself).
         **guidance_options: fields of :class:`clipguide.guidance.GuidanceConfig` (cutn, cutouts, loss, regularisers...).
 
     Raises ClipguideError (a ValueError) for bad input and GuidanceError if the loss stops being finite.
@@ -154,11 +157,13 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
         raise ClipguideError("guide needs at least one prompt")
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    perceptor = clip if isinstance(clip, Perceptor) else Perceptor(clip, device=device)
+    perceptor = clip if isinstance(clip, Perceptor) else Perceptor(clip, device=device, compile=compile)
     guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
     generator = torch.Generator(perceptor.device).manual_seed(seed)
     init = _init_tensor(init_image, width, height, perceptor.device)
     backend_impl = factory(batch, height, width, generator=generator, init=init, **options)
+    if compile and isinstance(backend_impl, OptimisedGenerator):
+        backend_impl.compile_decode()
 
     history: list[dict] = []
     writer = _Frames(frames, frame_every) if frames is not None else None

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..compiling import compiled
 from ..errors import ClipguideError, GuidanceError
 from ..guidance import CLIPGuidance
 from ..registry import Registry
@@ -99,6 +100,11 @@ class OptimisedGenerator(nn.Module):
 
     def constrain(self) -> None:
         """Called without gradient after every optimiser step, to project the parameters back where they are valid."""
+
+    def compile_decode(self) -> None:
+        """Compile :meth:`decode` (see :func:`clipguide.compiling.compiled`); the parameters stay the same tensors."""
+        device = next(self.parameters()).device
+        self.decode = compiled(self.decode, device)
 
     def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
                callback: Optional[StepCallback] = None) -> torch.Tensor:

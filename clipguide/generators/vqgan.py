@@ -59,7 +59,10 @@ class VQGANGenerator(OptimisedGenerator):
 
     def decode(self) -> torch.Tensor:
         z_q, _ = self.vqgan.quantize_st(self.z)
-        return clamp_with_grad((self.vqgan.decode(z_q) + 1) / 2)
+        # the decoder runs under bf16 autocast on CUDA (code lookup stays fp32: argmin over near-equal distances)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.z.device.type == "cuda"):
+            x = self.vqgan.decode(z_q)
+        return clamp_with_grad((x.float() + 1) / 2)
 
     def constrain(self) -> None:
         self.z.clamp_(self.z_min, self.z_max)

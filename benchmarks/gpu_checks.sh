@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU figure the benchmarks print, in priority order, each under its own time limit and all inside one
+# deadline (a lent GPU's time is short). Logs go to $OUT (default gpu-logs/). Carried wheels in .whl/ are installed
+# first when present (the device image has torch but not open_clip, diffusers, taming or kornia).
+#
+#   bash benchmarks/gpu_checks.sh [SECONDS]          # default deadline 530 s
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-logs}
+mkdir -p "$OUT"
+deadline=$((SECONDS + ${1:-530}))
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+
+check() {  # NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to $OUT/NAME.log, print the figures
+    local name=$1 limit=$2 left=$((deadline - SECONDS))
+    shift 2
+    [ "$left" -lt 20 ] && { echo "== $name: skipped (deadline)"; return; }
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name ($limit s max)"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    grep -v -i -E "warn|randomly initialised|^\s*$" "$OUT/$name.log" | tail -n 12
+    echo "   [$name: rc $rc, $((SECONDS - start)) s]"
+}
+
+check vqgan      170 python3 benchmarks/vqgan_step.py --steps 20 --compile
+check diffusion   90 python3 benchmarks/diffusion_step.py --steps 10
+check train-b32   60 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20
+check train-tiny  30 python3 benchmarks/train_throughput.py --model shapes-tiny --batch-size 256 --precision bf16 --steps 20
+check guide      120 python3 benchmarks/guide_step.py --steps 20 --compile
+check paths       90 python3 benchmarks/cuda_paths.py
+check train-b32c 150 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20 --compile
