@@ -3,8 +3,9 @@ precision and in-memory data, one process.
 
 Both start from identical weights (built by core_clip.load), use AdamW with the same parameter groups, the plain
 CLIP loss (core_clip with ``multi_positive`` off, so both compute the same loss), no gradient clipping, and run the
-same number of optimiser steps after a warm-up. core_clip's step also tokenizes its captions (open_clip_train gets
-token ids), as it does in real training. Prints samples/s for each and the ratio (ours / theirs).
+same number of optimiser steps after a warm-up. Both get token ids made up front, as their data loaders' workers
+deliver them; core_clip's step also normalises its images on the device (open_clip_train gets normalised pixels).
+Prints samples/s for each and the ratio (ours / theirs).
 
     python benchmarks/train_throughput.py --model shapes-tiny --batch-size 256
     python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 32 --steps 5
@@ -87,11 +88,10 @@ def main() -> None:
         images = torch.rand(args.batch_size, 3, size, size, generator=g)
         captions = [f"{CAPTIONS[(i + j) % len(CAPTIONS)]} {j}" for j in range(args.batch_size)]
         batches.append(Batch(images.to(device), captions, [frozenset()] * args.batch_size,
-                             [frozenset()] * args.batch_size))
+                             [frozenset()] * args.batch_size, tokens=ours.model.tokenizer(captions).to(device)))
 
     # open_clip_train side: normalised pixels and token ids prepared up front, as its data pipeline delivers them
-    loader = _Loader((ours.model.preprocess.normalize(b.images), ours.model.tokenizer(b.captions).to(device))
-                     for b in batches)
+    loader = _Loader((ours.model.preprocess.normalize(b.images), b.tokens) for b in batches)
     optimizer = torch.optim.AdamW(param_groups(theirs_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None

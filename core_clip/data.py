@@ -8,11 +8,12 @@ needs :class:`EpochSampler` to skip the first k batches.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Collection, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -460,40 +461,48 @@ class EpochSampler(Sampler[list[int]]):
 
 @dataclass
 class Batch:
-    """Collated samples: images float [B, 3, S, S] in [0, 1]; captions, facts and claims lists of length B."""
+    """Collated samples: images float [B, 3, S, S] in [0, 1]; captions, facts and claims lists of length B; tokens
+    int64 [B, L], the captions' token ids, when the loader was given a tokenizer (else None)."""
 
     images: torch.Tensor
     captions: list[str]
     facts: list[Attributes]
     claims: list[Attributes]
+    tokens: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True)."""
-        return replace(self, images=self.images.pin_memory())
+        return replace(self, images=self.images.pin_memory(),
+                       tokens=None if self.tokens is None else self.tokens.pin_memory())
 
 
-def collate(samples: list[Sample]) -> Batch:
+def collate(samples: list[Sample], tokenizer: Optional[Callable[[list[str]], torch.Tensor]] = None) -> Batch:
+    """Stack ``samples`` into a :class:`Batch`, tokenizing the captions when ``tokenizer`` is given."""
+    captions = [s.caption for s in samples]
     return Batch(
         images=torch.stack([s.image for s in samples]),
-        captions=[s.caption for s in samples],
+        captions=captions,
         facts=[s.facts for s in samples],
         claims=[s.claims for s in samples],
+        tokens=None if tokenizer is None else tokenizer(captions),
     )
 
 
 def make_loader(dataset: PairDataset, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                start_batch: int = 0, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                start_batch: int = 0, workers: int = 0, pin_memory: bool = False,
+                tokenizer: Optional[Callable[[list[str]], torch.Tensor]] = None) -> DataLoader:
     """A DataLoader of :class:`Batch` for epoch ``epoch`` on process ``rank`` of ``world_size``, starting at batch
     ``start_batch`` (see :class:`EpochSampler`). Calls ``dataset.set_epoch(epoch)``. Its batches are the same for
-    any number of ``workers``."""
+    any number of ``workers``. With ``tokenizer`` the captions are tokenized as batches are collated (in the
+    workers, off the training step's critical path)."""
     dataset.set_epoch(epoch)
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                            start_batch=start_batch, group=dataset.group)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=functools.partial(collate, tokenizer=tokenizer),
+                      num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
 
 
 def _unique(sets: Sequence[Collection]) -> tuple[list[frozenset], torch.Tensor]:

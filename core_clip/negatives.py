@@ -14,7 +14,7 @@ the gradient is restricted to a coarse grid for some chains (guidance generators
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,11 +131,19 @@ class NegativeBuffer:
             images = (images.detach() + self.cfg.step_size * grad / rms).clamp(0, 1)
         return images
 
-    def extend(self, batch: Batch, negatives: torch.Tensor) -> Batch:
-        """``batch`` followed by the climbed images, each captioned with the null caption (true of them only)."""
+    def extend(self, batch: Batch, negatives: torch.Tensor,
+               tokenizer: Optional[Callable[[list[str]], torch.Tensor]] = None) -> Batch:
+        """``batch`` followed by the climbed images, each captioned with the null caption (true of them only);
+        ``tokenizer`` extends the batch's token ids too, when it carries them."""
         k = len(negatives)
+        captions = [self.cfg.caption] * k
+        tokens = batch.tokens
+        if tokens is not None:
+            if tokenizer is None:
+                raise CoreClipError("extending a tokenized batch needs the tokenizer")
+            tokens = torch.cat([tokens, tokenizer(captions).to(tokens.device)])
         return replace(batch, images=torch.cat([batch.images.to(negatives.device), negatives]),
-                       captions=[*batch.captions, *[self.cfg.caption] * k],
+                       captions=[*batch.captions, *captions], tokens=tokens,
                        facts=[*batch.facts, *[NEGATIVE] * k], claims=[*batch.claims, *[NEGATIVE] * k])
 
 

@@ -320,7 +320,8 @@ class Trainer:
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = self.model.preprocess.normalize(batch.images.to(self.device, non_blocking=True))
-        tokens = self.model.tokenizer(batch.captions).to(self.device, non_blocking=True)
+        tokens = batch.tokens if batch.tokens is not None else self.model.tokenizer(batch.captions)
+        tokens = tokens.to(self.device, non_blocking=True)
         return self.net(images, tokens)
 
     def _adversarial(self, batch: Batch, j: int) -> Batch:
@@ -370,7 +371,8 @@ class Trainer:
         if self.cfg.adv_eps and self.step >= self.cfg.adv_start:
             batches = [self._adversarial(b, j) for j, b in enumerate(batches)]
         if self.negatives is not None and self.step >= self.cfg.negative_start:
-            batches = [self.negatives.extend(b, self.negatives.draw(self.model, b)) for b in batches]
+            batches = [self.negatives.extend(b, self.negatives.draw(self.model, b), self.model.tokenizer)
+                       for b in batches]
         pos = self._positives(batches)
         if len(batches) == 1:
             with self._autocast():
@@ -404,7 +406,7 @@ class Trainer:
         loader = make_loader(self.dataset, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
                              rank=self.dist.rank, world_size=self.dist.world_size,
                              start_batch=start_step * self.cfg.accum_steps, workers=self.cfg.workers,
-                             pin_memory=self.device.type == "cuda")
+                             pin_memory=self.device.type == "cuda", tokenizer=self.model.tokenizer)
         group: list[Batch] = []
         for batch in loader:
             group.append(batch)

@@ -25,6 +25,7 @@ from core_clip.data import (
 )
 from core_clip.errors import DataError, ImageReadError
 from core_clip.shapes import ATTRIBUTES, counterfactual, read, sample_scenes, scene_facts
+from core_clip.tokenizer import build_tokenizer
 
 
 def _image(path):
@@ -118,7 +119,16 @@ def test_collate():
     batch = collate(samples)
     assert batch.images.shape == (3, 3, 16, 16) and len(batch) == 3
     assert batch.captions == [s.caption for s in samples] and batch.facts == [s.facts for s in samples]
-    assert batch.claims == [s.claims for s in samples]
+    assert batch.claims == [s.claims for s in samples] and batch.tokens is None
+
+
+def test_loader_tokenizes_captions_in_its_workers():
+    tokenizer = build_tokenizer({"type": "open_clip", "context_length": 77})
+    ds = ShapesPairs(32, seed=1, image_size=16)
+    batches = list(make_loader(ds, 8, seed=0, epoch=0, workers=2, tokenizer=tokenizer))
+    assert len(batches) == 4
+    for batch in batches:
+        assert batch.tokens.dtype == torch.int64 and torch.equal(batch.tokens, tokenizer(batch.captions))
 
 
 # ------------------------------------------------------------------------------------------ EpochSampler

@@ -48,9 +48,14 @@ def test_climbed_images_match_only_the_null_caption(tmp_path):
     trainer = Trainer(_cfg(tmp_path, augment=False))
     batch = _first_batch(trainer)
     buffer = NegativeBuffer(NegativeConfig(count=4, steps=1, buffer=4), image_size=trainer.model.image_size, seed=0)
-    extended = buffer.extend(batch, buffer.draw(trainer.model, batch))
+    negatives = buffer.draw(trainer.model, batch)
+    tokenizer = trainer.model.tokenizer
+    extended = buffer.extend(batch, negatives, tokenizer)
     n = len(batch)
     assert len(extended) == n + 4 and extended.captions[n:] == [buffer.cfg.caption] * 4
+    assert torch.equal(extended.tokens, tokenizer(extended.captions))  # the loader's token ids, extended
+    with pytest.raises(CoreClipError, match="needs the tokenizer"):
+        buffer.extend(batch, negatives)
     pos = positives(extended.facts, extended.claims)
     assert torch.equal(pos[:n, :n], positives(batch.facts, batch.claims))
     assert not pos[:n, n:].any() and not pos[n:, :n].any() and pos[n:, n:].all()
