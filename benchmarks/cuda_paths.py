@@ -6,6 +6,7 @@ short bf16 training run. Not a unit test: CI has no GPU; run it by hand (or thro
 from __future__ import annotations
 
 import sys
+import warnings
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +26,15 @@ def main() -> None:
         sys.exit("cuda_paths.py needs a CUDA device")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for backend, steps in (("pixels", 100), ("fourier", 100), ("diffusion", 50)):
-        runs = [guide(PROMPT, backend=backend, steps=steps, seed=3, device="cuda") for _ in range(2)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs = [guide(PROMPT, backend=backend, steps=steps, seed=3, device="cuda") for _ in range(2)]
         same = torch.equal(runs[0].tensor, runs[1].tensor)
         print(f"guide {backend:9s} {steps:3d} steps: {runs[0].seconds:6.2f} s then {runs[1].seconds:6.2f} s, "
               f"clip score {runs[0].clip_score[0]:5.1f}, same seed -> same image: {same}", flush=True)
+        alerts = {str(w.message).split(".")[0] for w in caught if "deterministic" in str(w.message)}
+        for alert in sorted(alerts):   # ops PyTorch has no deterministic kernel for
+            print(f"    nondeterministic: {alert}")
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(data="shapes", out=out, model="shapes", batch_size=256, samples_per_epoch=256 * 40,
                           precision="bf16", progress=False, device="cuda", warmup_steps=5, eval_every=0,

@@ -5,11 +5,12 @@
         ViT-B-32 guidance CLIP), 512 px, classifier-free guidance 7.5, 4 cutouts, DDIM steps; fp16 UNet and VAE,
         bf16 CLIP on CUDA
 
-Each row times the same sampling loop three ways: unguided (guidance scale 0, the UNet's output untouched), guided
+Each row times the same sampling loop several ways: unguided (guidance scale 0, the UNet's output untouched), guided
 with the exact gradient (back-propagated through the UNet and the VAE decoder), and guided with the cheap gradient
-(model output held fixed: no UNet backward). The ratio is guided / unguided.
+(model output held fixed: no UNet backward), that one also with gradient checkpointing and, with --compile, with the
+guidance decode and CLIP compiled (CUDA graphs on CUDA). The ratio is guided / unguided.
 
-    python benchmarks/diffusion_step.py                      # both, on CUDA when available
+    python benchmarks/diffusion_step.py --compile            # both, on CUDA when available
     python benchmarks/diffusion_step.py --only b --size 256 --steps 2 --device cpu
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,14 +34,16 @@ from guide_step import _peak_mib, _sync, parse_args  # noqa: E402  (same folder)
 
 
 def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, steps: int, device: torch.device,
-                  **options) -> tuple[float, float]:
-    """ms per step and peak MiB of a ``steps``-step sampling run (after a 2-step warm-up run)."""
+                  compile: bool = False, **options) -> tuple[float, float]:
+    """ms per step and peak MiB of a ``steps``-step sampling run (after a 3-step warm-up run, which compiles)."""
     def run(n: int) -> None:
         generator = torch.Generator(device).manual_seed(0)
-        DiffusionGenerator(1, size, size, generator=generator, model=model, scheduler=None, **options).sample(
-            guidance, n, generator)
+        sampler = DiffusionGenerator(1, size, size, generator=generator, model=model, scheduler=None, **options)
+        if compile:
+            sampler.compile_decode()
+        sampler.sample(guidance, n, generator)
 
-    run(2)
+    run(3)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
@@ -49,14 +53,22 @@ def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, step
     return 1000 * (time.perf_counter() - start) / steps, _peak_mib(device)
 
 
-def compare(label: str, model: DiffusionModel, guidance: CLIPGuidance, size: int, steps: int, device: torch.device,
-            scale: float) -> None:
+def compare(label: str, model: DiffusionModel, make_guidance: Callable[[bool], CLIPGuidance], size: int, steps: int,
+            device: torch.device, scale: float, compile: bool = False) -> None:
+    """Unguided, then guided with the exact and the cheap gradient, the cheap one also with gradient checkpointing
+    and (``compile``) compiled; ``make_guidance(compiled)`` builds the guidance (its perceptor compiled or not)."""
+    guidance = make_guidance(False)
     plain_ms, plain_mem = time_sampling(model, guidance, size, steps, device, scale=0.0)
-    print(f"{label}: unguided {plain_ms:9.1f} ms/step (peak {plain_mem:7.0f} MiB)")
-    for name, through_unet in (("exact", True), ("cheap", False)):
-        ms, mem = time_sampling(model, guidance, size, steps, device, scale=scale, through_unet=through_unet)
-        print(f"{'':{len(label)}}  guided ({name}) {ms:9.1f} ms/step (peak {mem:7.0f} MiB) | "
-              f"{ms / plain_ms:.2f}x the unguided step")
+    print(f"{label}: unguided                 {plain_ms:9.1f} ms/step (peak {plain_mem:7.0f} MiB)", flush=True)
+    rows = [("exact", guidance, dict(through_unet=True)),
+            ("cheap", guidance, dict(through_unet=False)),
+            ("cheap, checkpointing", guidance, dict(through_unet=False, checkpointing=True))]
+    if compile:
+        rows.append(("cheap, compiled", make_guidance(True), dict(through_unet=False, compile=True)))
+    for name, g, options in rows:
+        ms, mem = time_sampling(model, g, size, steps, device, scale=scale, **options)
+        print(f"{'':{len(label)}}  guided ({name}){'':{21 - len(name)}}{ms:9.1f} ms/step (peak {mem:7.0f} MiB) | "
+              f"{ms / plain_ms:.2f}x the unguided step", flush=True)
 
 
 def sd15(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
@@ -83,16 +95,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image size of (b)")
     args, device = parse_args(parser, steps=10)
     prompt = "a red circle on a blue background"
+    precision = "bf16" if device.type == "cuda" else "fp32"
     if args.only in (None, "a"):
-        guidance = CLIPGuidance(prompt, Perceptor(core_clip.load("shapes", device=device)), cutn=16)
-        compare("(a) shapes       32 px cutn 16", load_diffusion("shapes", device), guidance, 32, args.steps, device,
-                scale=500.0)
+        clip = core_clip.load("shapes", device=device, precision=precision)
+        compare("(a) shapes       32 px cutn 16", load_diffusion("shapes", device),
+                lambda compiled: CLIPGuidance(prompt, Perceptor(clip, compile=compiled), cutn=16), 32, args.steps,
+                device, scale=500.0, compile=args.compile)
     if args.only in (None, "b"):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        clip = core_clip.load("ViT-B-32", device=device, precision="bf16" if device.type == "cuda" else "fp32")
-        guidance = CLIPGuidance(prompt, Perceptor(clip), cutn=4)
-        compare(f"(b) SD1.5-size {args.size:4d} px cutn 4 ", sd15(device, dtype), guidance, args.size, args.steps,
-                device, scale=500.0)
+        clip = core_clip.load("ViT-B-32", device=device, precision=precision)
+        compare(f"(b) SD1.5-size {args.size:4d} px cutn 4 ", sd15(device, dtype),
+                lambda compiled: CLIPGuidance(prompt, Perceptor(clip, compile=compiled), cutn=4), args.size,
+                args.steps, device, scale=500.0, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # deadline (a lent GPU's time is short). Logs go to $OUT (default gpu-logs/). Carried wheels in .whl/ are installed
 # first when present (the device image has torch but not open_clip, diffusers, taming or kornia).
 #
-#   bash benchmarks/gpu_checks.sh [SECONDS]          # default deadline 530 s
+#   bash benchmarks/gpu_checks.sh [SECONDS]          # default deadline 530 s; checks past it are skipped
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-logs}
@@ -31,10 +31,11 @@ check() {  # NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to $OUT
     echo "   [$name: rc $rc, $((SECONDS - start)) s]"
 }
 
-check vqgan      170 python3 benchmarks/vqgan_step.py --steps 20 --compile
-check diffusion   90 python3 benchmarks/diffusion_step.py --steps 10
 check train-b32   60 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20
+check paths       60 python3 benchmarks/cuda_paths.py
+check diffusion  160 python3 benchmarks/diffusion_step.py --steps 10 --compile --only b
+check vqgan      100 python3 benchmarks/vqgan_step.py --steps 10 --compile
+check train-b32c 120 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 10 --compile
 check train-tiny  30 python3 benchmarks/train_throughput.py --model shapes-tiny --batch-size 256 --precision bf16 --steps 20
 check guide      120 python3 benchmarks/guide_step.py --steps 20 --compile
-check paths       90 python3 benchmarks/cuda_paths.py
-check train-b32c 150 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20 --compile
+check diffusion-a 60 python3 benchmarks/diffusion_step.py --steps 10 --compile --only a

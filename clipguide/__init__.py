@@ -7,6 +7,7 @@
     g = clipguide.CLIPGuidance("a red circle | blurry:-0.5", perceptor="shapes", cutn=16)
     loss = g.loss(images)          # images [B, 3, H, W] in [0, 1], differentiable
 """
+from .determinism import deterministic
 from .errors import ClipguideError, GuidanceError, PromptError, UnknownNameError
 from .generators import GENERATORS
 from .guidance import CLIPGuidance, GuidanceConfig
@@ -16,5 +17,5 @@ from .prompts import Prompt, parse_prompts
 
 __all__ = [
     "CLIPGuidance", "ClipguideError", "GENERATORS", "GuidanceConfig", "GuidanceError", "GuideResult", "Perceptor",
-    "Prompt", "PromptError", "UnknownNameError", "guide", "parse_prompts",
+    "Prompt", "PromptError", "UnknownNameError", "deterministic", "guide", "parse_prompts",
 ]

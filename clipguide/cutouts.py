@@ -22,10 +22,10 @@ from kornia.geometry.transform import get_perspective_transform, get_rotation_ma
 from torch import Tensor
 
 from .errors import ClipguideError
+from .resample import PADDING_MODES, resample
 from .registry import Registry
 
 CUTOUTS = Registry[type]("cutout scheme")
-PADDING_MODES = ("zeros", "border", "reflection")
 
 
 class CutoutScheme(Protocol):
@@ -72,8 +72,11 @@ def _check_call(images: Tensor, cutn: int, generator: torch.Generator) -> None:
     _check_generator(generator, images)
 
 
-def crop_resize(images: Tensor, boxes: Tensor, size: int, mirror: Tensor | None = None) -> Tensor:
-    """Square crops of ``images`` resized to ``size`` x ``size``, all in one bilinear ``grid_sample`` call.
+def crop_resize(images: Tensor, boxes: Tensor, size: int, mirror: Tensor | None = None, *,
+                deterministic: bool | None = None) -> Tensor:
+    """Square crops of ``images`` resized to ``size`` x ``size``, all in one bilinear resampling: one
+    ``grid_sample`` call, or with ``deterministic`` (default: on CUDA, whose ``grid_sample`` backward uses atomic
+    adds) :func:`clipguide.resample.resample`, whose gradient repeats bit for bit. Both compute the same function.
 
     images: float [B, C, H, W]. boxes: float [cutn, B, 3], (x0, y0, side) in pixels, where the image
     covers [0, W] x [0, H] (pixel (i, j) is the unit square at (j, i)); boxes may be fractional and may reach outside
@@ -90,19 +93,20 @@ def crop_resize(images: Tensor, boxes: Tensor, size: int, mirror: Tensor | None 
     if boxes.dim() != 3 or boxes.shape[1:] != (batch, 3) or not bool((boxes[..., 2] > 0).all()):
         raise ClipguideError(f"boxes must be [cutn, {batch}, 3] (x0, y0, side > 0), got shape {list(boxes.shape)}")
     cutn = boxes.shape[0]
-    x0, y0, side = boxes.to(images).unbind(-1)
+    x0, y0, side = boxes.to(images).flatten(0, 1).unbind(-1)                      # [cutn * B] each
     k = max(1, round(side.max().item() / size))
-    # affine_grid maps the output's [-1, 1] square to the box in the input's normalised coordinates.
-    scale_x = side / width if mirror is None else torch.where(mirror, -side / width, side / width)
-    zero = torch.zeros_like(side)
-    theta = torch.stack([
-        torch.stack([scale_x, zero, (2 * x0 + side) / width - 1], -1),
-        torch.stack([zero, side / height, (2 * y0 + side) / height - 1], -1),
-    ], -2)
     fine = k * size
-    grid = F.affine_grid(theta.flatten(0, 1), [cutn * batch, channels, fine, fine], align_corners=False)
+    # sample i of the fine grid sits at fraction (i + 0.5) / fine of the box; pixel centres are at integers
+    frac = (torch.arange(fine, device=images.device, dtype=images.dtype) + 0.5) / fine
+    ys = y0[:, None] + side[:, None] * frac - 0.5                                   # [cutn * B, fine]
+    xs = x0[:, None] + side[:, None] * (frac if mirror is None else
+                                        torch.where(mirror.flatten()[:, None], 1 - frac, frac)) - 0.5
+    if images.is_cuda if deterministic is None else deterministic:
+        return resample(images, xs.view(-1, size, k), ys.view(-1, size, k), "border")
     # Stack each image's cuts vertically in one grid, so grid_sample reads the B images without copying them cutn times.
-    grid = grid.view(cutn, batch, fine, fine, 2).transpose(0, 1).reshape(batch, cutn * fine, fine, 2)
+    gx = ((2 * xs + 1) / width - 1).view(cutn, batch, 1, fine).expand(cutn, batch, fine, fine)
+    gy = ((2 * ys + 1) / height - 1).view(cutn, batch, fine, 1).expand(cutn, batch, fine, fine)
+    grid = torch.stack([gx, gy], -1).transpose(0, 1).reshape(batch, cutn * fine, fine, 2)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = out.view(batch, channels, cutn, fine, fine).permute(2, 0, 1, 3, 4).reshape(cutn * batch, channels, fine, fine)
     return F.avg_pool2d(out, k) if k > 1 else out
@@ -311,10 +315,12 @@ class Augment:
         out = views
         if self.flip > 0:
             out = torch.where(params.flip[:, None, None, None], out.flip(-1), out)
-        if self.shift > 0 or self.rotate > 0 or self.scale != (1.0, 1.0) or self.perspective > 0:
+        if self.rotate > 0 or self.perspective > 0:
             height, width = out.shape[-2:]
             out = warp_perspective(out, self._warp_matrix(params, height, width), (height, width),
                                    padding_mode=self.padding_mode)
+        elif self.shift > 0 or self.scale != (1.0, 1.0):
+            out = self.zoom_shift(out, params, deterministic=out.is_cuda)
         if self.brightness > 0:
             out = adjust_brightness(out, params.brightness)
         if self.contrast > 0:
@@ -326,6 +332,23 @@ class Augment:
         if self.noise > 0:
             out = out + params.noise
         return out
+
+    def zoom_shift(self, views: Tensor, params: AugmentParams, deterministic: bool) -> Tensor:
+        """The warp of :meth:`apply` when it has no rotation or perspective: a zoom about the centre, then a shift.
+        With ``deterministic`` it runs as :func:`clipguide.resample.resample` (the default on CUDA, where the
+        general warp's backward uses atomic adds), else through the general warp; both compute the same function."""
+        height, width = views.shape[-2:]
+        if not deterministic:
+            return warp_perspective(views, self._warp_matrix(params, height, width), (height, width),
+                                    padding_mode=self.padding_mode)
+        # kornia's warp samples the source at M^-1 (x, y) in pixel coordinates, centres at integers
+        extent = params.scale.new_tensor([width, height])
+        centre = (extent - 1) / 2
+        offset = centre + params.shift * extent                                       # [N, 2]: where the centre goes
+        def source(axis: int, length: int) -> Tensor:
+            out = torch.arange(length, device=views.device, dtype=views.dtype)
+            return ((out - offset[:, axis, None]) / params.scale[:, None] + centre[axis])[..., None]
+        return resample(views, source(0, width), source(1, height), self.padding_mode, align_corners=True)
 
     def _warp_matrix(self, params: AugmentParams, height: int, width: int) -> Tensor:
         """[N, 3, 3] homography in pixel coordinates: rotate and scale about the centre, shift, then perspective."""

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from core_clip.preprocess import Images, as_image_batch, open_image
 
+from .determinism import deterministic
 from .errors import ClipguideError
-from .generators import GENERATORS, OptimisedGenerator, check_options
+from .generators import GENERATORS, check_options
 from .guidance import CLIPGuidance, PromptsLike, as_prompts
 from .perceptor import ModelSpec, Perceptor
 from .prompts import Prompt, negative_prompts, parse_prompts
@@ -129,8 +130,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
         callback: called after every step as callback(step, losses, images [B, 3, H, W] detached).
         frames: folder for frame_NNNNN.png every ``frame_every`` steps (and frames.mp4 if imageio-ffmpeg is installed).
         progress: show a tqdm bar.
-        compile: torch.compile the CLIP image towers and an optimisation backend's decoder (CUDA graphs on CUDA;
-            see :mod:`clipguide.compiling`): tens of seconds up front for faster steps, worth it for long runs.
+        compile: torch.compile the CLIP image towers and the backend's decoder (CUDA graphs on CUDA; see
+            :mod:`clipguide.compiling`): tens of seconds up front for faster steps, worth it for long runs.
             Ignored for a ready :class:`Perceptor` passed as ``clip`` (give it ``compile=True`` yourself).
         **guidance_options: fields of :class:`clipguide.guidance.GuidanceConfig` (cutn, cutouts, loss, regularisers...).
 
@@ -162,7 +163,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     generator = torch.Generator(perceptor.device).manual_seed(seed)
     init = _init_tensor(init_image, width, height, perceptor.device)
     backend_impl = factory(batch, height, width, generator=generator, init=init, **options)
-    if compile and isinstance(backend_impl, OptimisedGenerator):
+    if compile:
         backend_impl.compile_decode()
 
     history: list[dict] = []
@@ -179,7 +180,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             callback(step, losses, images)
 
     try:
-        images = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
+        with deterministic(perceptor.device):
+            images = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
     finally:
         bar.close()
     if writer is not None:

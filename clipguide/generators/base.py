@@ -5,7 +5,9 @@ A generator turns its own parameters into images [B, 3, H, W] in [0, 1]. Every b
     sample(guidance, steps, generator, callback) -> images [B, 3, H, W]
 
 so ``guide()`` never branches on the kind of backend. Every backend class also answers
-``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for) and ``default_steps``.
+``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for) and ``default_steps``,
+and its instances ``compile_decode()``, which compiles the differentiable map that guidance back-propagates through
+(``guide(compile=True)`` calls it).
 Optimisation backends (pixels, fourier, vqgan) subclass :class:`OptimisedGenerator`, which implements ``sample`` as
 Adam on ``parameters()`` through ``decode()``; sampling backends (diffusion) implement ``sample`` themselves.
 """

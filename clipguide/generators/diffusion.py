@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..compiling import compiled
 from ..diffusion import (DiffusionGuidanceConfig, GuidedForward, check_scheduler, decoder_for, enable_checkpointing,
                          encoder_for, pipeline_vae, predict_x0, alpha_bar)
 from ..errors import ClipguideError
@@ -190,6 +191,7 @@ class DiffusionGenerator(nn.Module):
         self.strength = strength if init is not None else 1.0
         self.eta = eta
         self.device = device
+        self._compile = False
 
     @classmethod
     def native_size(cls, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes", **_) -> tuple[int, int]:
@@ -207,6 +209,11 @@ class DiffusionGenerator(nn.Module):
         h, w = (size, size) if isinstance(size, int) else size
         return w * factor, h * factor
 
+    def compile_decode(self) -> None:
+        """Compile the decoder that guidance back-propagates through (the VAE's, for latent models) when sampling;
+        previews and the final decode stay eager."""
+        self._compile = True
+
     def _noise(self, shape: tuple) -> torch.Tensor:
         return torch.cat([torch.randn((1,) + shape[1:], generator=g, device=self.device) for g in self.generators])
 
@@ -220,8 +227,8 @@ class DiffusionGenerator(nn.Module):
         scheduler = m.scheduler
         decode = decoder_for(m.vae)
         cfg = m.uncond is not None
-        guided = GuidedForward(m.unet.forward, scheduler, guidance, decode, self.config,
-                               (lambda: m.cfg_scale) if cfg else (lambda: None))
+        guided = GuidedForward(m.unet.forward, scheduler, guidance, compiled(decode, self.device) if self._compile
+                               else decode, self.config, (lambda: m.cfg_scale) if cfg else (lambda: None))
         switched = enable_checkpointing(m.unet, m.vae) if self.config.checkpointing else []
         try:
             return self._loop(guided, scheduler, decode, steps, callback, cfg)

@@ -10,6 +10,7 @@ from clipguide.cutouts import (
     CUTOUTS, Augment, ClassicCutouts, DiscoCutouts, PooledCutouts, crop_resize, make_cutouts,
 )
 from clipguide.errors import ClipguideError, UnknownNameError
+from clipguide.resample import resample
 
 SCHEMES = CUTOUTS.names()
 COLOURS = torch.tensor([[0.2, 0.5, 0.8], [0.9, 0.1, 0.4]])
@@ -318,3 +319,44 @@ def test_bad_options_name_the_field(build, field):
 def test_augment_rejects_bad_views():
     with pytest.raises(ClipguideError, match="views"):
         Augment(shift=0.1)(torch.rand(2, 1, 8, 8), gen(0))
+
+
+# --- deterministic resampling (the CUDA path, checked here on the CPU against grid_sample) ----------------------------
+
+def _grads(fn, x):
+    x = x.detach().requires_grad_(True)
+    out = fn(x)
+    weights = torch.rand(out.shape, generator=gen(9), dtype=out.dtype)
+    grad, = torch.autograd.grad((out * weights).sum(), x)
+    return out.detach(), grad
+
+
+def test_deterministic_crop_resize_matches_grid_sample_values_and_gradients():
+    g = gen(4)
+    images = torch.rand(2, 3, 37, 41, generator=g, dtype=torch.float64)
+    corners = torch.rand(5, 2, 2, generator=g, dtype=torch.float64) * 36 - 6   # some boxes reach outside
+    boxes = torch.cat([corners, torch.rand(5, 2, 1, generator=g, dtype=torch.float64) * 45 + 1], -1)
+    mirror = torch.rand(5, 2, generator=g) < 0.5
+    for size in (7, 16, 50):   # area filter k = 6, 3 and 1
+        a = _grads(lambda x: crop_resize(x, boxes, size, mirror, deterministic=False), images)
+        b = _grads(lambda x: crop_resize(x, boxes, size, mirror, deterministic=True), images)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+def test_zoom_shift_resampling_matches_the_general_warp(padding_mode):
+    augment = Augment(shift=0.3, scale=(0.5, 1.7), padding_mode=padding_mode)
+    views = torch.rand(6, 3, 20, 23, generator=gen(5), dtype=torch.float64)
+    params = augment.sample(views, gen(6))
+    a = _grads(lambda x: augment.zoom_shift(x, params, deterministic=False), views)
+    b = _grads(lambda x: augment.zoom_shift(x, params, deterministic=True), views)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_resample_rejects_bad_grids_and_padding():
+    images = torch.rand(2, 3, 8, 8)
+    grid = torch.zeros(3, 4, 1)
+    with pytest.raises(ClipguideError, match="3 x-grids and 3 y-grids for 2 images"):
+        resample(images, grid, grid)
+    with pytest.raises(ClipguideError, match="padding_mode must be one of"):
+        resample(images, torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), "wrap")

@@ -1,0 +1,23 @@
+import torch
+
+from clipguide import Perceptor, guide
+
+PROMPT = "a red circle on a blue background"
+
+
+def test_compiled_perceptor_matches_eager_embeddings_and_gradients():
+    eager, fast = Perceptor("shapes", device="cpu"), Perceptor("shapes", device="cpu", compile=True)
+    views = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for perceptor in (eager, fast):
+        x = views.clone().requires_grad_(True)
+        emb = perceptor.encode_views(0, x)
+        grad, = torch.autograd.grad(emb[:, :8].sum(), x)
+        results.append((emb.detach(), grad))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+def test_guide_compiled_makes_the_same_picture():
+    runs = [guide(PROMPT, backend="pixels", steps=4, seed=1, device="cpu", compile=c) for c in (False, True)]
+    torch.testing.assert_close(runs[1].tensor, runs[0].tensor, rtol=0, atol=2e-3)
+    assert abs(runs[1].losses[-1]["total"] - runs[0].losses[-1]["total"]) < 1e-3
