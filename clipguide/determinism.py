@@ -3,8 +3,11 @@
 CLIP guidance back-propagates through resampling, attention and convolutions every step, and several of their CUDA
 kernels sum with atomic adds in whatever order threads finish, so two runs drift apart bit by bit and then visibly.
 clipguide's own crops and zoom/shift augmentations avoid those kernels on CUDA (:mod:`clipguide.resample`); for the
-rest (attention and convolution backward passes), :func:`deterministic` asks PyTorch for its deterministic
-algorithms. An op that has none still runs, with PyTorch's warning naming it (``warn_only``), rather than failing.
+rest, :func:`deterministic` asks PyTorch for its deterministic algorithms (cuDNN convolutions, index and scatter
+ops). An op that has none still runs, with PyTorch's warning naming it (``warn_only``), rather than failing: the
+general ``grid_sample`` warp (rotate / perspective augmentations), and in warn-only mode the cuDNN and
+memory-efficient attention backward passes. Those sum across key blocks, so with few tokens (the shipped models,
+ViT-B-32) runs still repeat bit for bit (seen on an H200: benchmarks/cuda_paths.py); long sequences may not.
 
 guide() runs inside it; a script driving ``CLIPGuidance.gradient`` or ``clipguide.diffusion.attach`` itself can wrap
 its loop in it. It is re-entrant and thread-safe: the settings are switched on by the first holder and back to what
