@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from core_clip.checkpoint import atomic_write, current_umask, load_strict, read_state_dict, save_safetensors
 
-from .training import parse_config, set_warmup_cosine_lr, shapes_batch
+from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 
 SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
                    block_out_channels=(32, 64, 64), norm_num_groups=16,
@@ -104,9 +104,9 @@ def train(cfg: DiffusionTrainConfig):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = 0
     if cfg.resume:
+        state = load_resume_state(out, cfg, device)
         load_strict(unet, read_state_dict(out / "unet.safetensors"), str(out / "unet.safetensors"))
         load_strict(ema, read_state_dict(out / "ema.safetensors"), str(out / "ema.safetensors"))
-        state = torch.load(out / "state.pt", weights_only=True, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     size = SHAPES_UNET["sample_size"]
@@ -131,14 +131,14 @@ def train(cfg: DiffusionTrainConfig):
             save_safetensors(unet.state_dict(), out / "unet.safetensors")
             save_safetensors(ema.state_dict(), out / "ema.safetensors")
             atomic_write(out / "state.pt", lambda p: torch.save({"optimizer": optimizer.state_dict(),
-                                                                 "step": step + 1}, p))
+                                                                 "step": step + 1, "settings": run_settings(cfg)}, p))
             save_pipeline(ema, scheduler, out / "pipeline")
     return ema.eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    train(parse_config(DiffusionTrainConfig, "python -m clipguide.train_diffusion", __doc__.split("\n")[0], argv))
-    return 0
+    return run_script(train, DiffusionTrainConfig, "python -m clipguide.train_diffusion", __doc__.split("\n")[0],
+                      argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from core_clip import shapes
 from core_clip.checkpoint import atomic_write, load_strict, read_state_dict
 
-from .training import parse_config, set_warmup_cosine_lr, shapes_batch
+from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
 SHAPES_DDCONFIG = dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
@@ -89,8 +89,8 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
     usage = torch.ones(model.config.n_embed)  # running count of each code's picks (decay 0.99 per step)
     start = 0
     if cfg.resume:
+        state = load_resume_state(out, cfg)
         load_strict(model, read_state_dict(out / "vqgan.safetensors"), str(out))
-        state = torch.load(out / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         usage, start = state["usage"], state["step"]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vqgan")
@@ -115,7 +115,7 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             model.save(out / "vqgan.safetensors")
             atomic_write(out / "state.pt", lambda p: torch.save({"optimizer": optimizer.state_dict(), "usage": usage,
-                                                                 "step": step + 1}, p))
+                                                                 "step": step + 1, "settings": run_settings(cfg)}, p))
     model.eval()
     if cfg.eval_images:
         tqdm.write(f"oracle reads {reconstruction_agreement(model, cfg.eval_images):.1%} of {cfg.eval_images} fresh "
@@ -124,8 +124,7 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    train(parse_config(VQGANTrainConfig, "python -m clipguide.train_vqgan", __doc__.split("\n")[0], argv))
-    return 0
+    return run_script(train, VQGANTrainConfig, "python -m clipguide.train_vqgan", __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

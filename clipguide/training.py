@@ -1,14 +1,22 @@
-"""What the project's own generator-training scripts share: seeded ShapesWorld batches and the LR schedule."""
+"""What the project's own generator-training scripts share: seeded ShapesWorld batches, the LR schedule, resuming
+and the command line."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
-from typing import Optional, Sequence, TypeVar
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
 from core_clip import shapes
+
+from .errors import ClipguideError
+
+# Config fields a resumed run may change: where and how often it writes, what it reports, where it runs.
+_RESUME_FREE = frozenset({"out", "resume", "save_every", "eval_images", "device"})
 
 
 def shapes_batch(step: int, batch_size: int, size: int, seed: int) -> torch.Tensor:
@@ -47,3 +55,34 @@ def parse_config(config_cls: type[Config], prog: str, description: str,
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     return config_cls(**vars(parser.parse_args(argv)))
+
+
+def run_settings(cfg: Any) -> dict:
+    """The fields of a training config (a dataclass) that shape its trajectory; saved with every checkpoint."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _RESUME_FREE}
+
+
+def load_resume_state(out: Path, cfg: Any, device: str | torch.device = "cpu") -> dict:
+    """``out``/state.pt (weights only) after checking that ``cfg`` continues the run that wrote it: a changed
+    setting (say ``steps``, which reshapes the learning-rate schedule) raises ClipguideError naming it."""
+    path = Path(out) / "state.pt"
+    if not path.is_file():
+        raise ClipguideError(f"nothing to resume in {out}: no state.pt there (run once without --resume)")
+    state = torch.load(path, weights_only=True, map_location=device)
+    saved = state.get("settings", {})
+    changed = [f"{k}={saved[k]!r} -> {v!r}" for k, v in run_settings(cfg).items() if k in saved and saved[k] != v]
+    if changed:
+        raise ClipguideError(f"{out} was written with other settings ({', '.join(changed)}); resume with the "
+                             "same ones, or start a new --out")
+    return state
+
+
+def run_script(train: Callable[[Config], Any], config_cls: type[Config], prog: str, description: str,
+               argv: Optional[Sequence[str]] = None) -> int:
+    """A training script's ``main``: parse, train; bad settings print one line and exit with 2."""
+    try:
+        train(parse_config(config_cls, prog, description, argv))
+    except ClipguideError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return 0

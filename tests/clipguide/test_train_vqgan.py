@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from clipguide import train_vqgan
+from clipguide.errors import ClipguideError
 from clipguide.train_vqgan import SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes
 from clipguide.vqgan_model import VQGAN, VQGANConfig
 from core_clip.checkpoint import read_state_dict
@@ -42,3 +43,18 @@ def test_a_crashed_run_resumes_exactly(tmp_path, monkeypatch):
     a = read_state_dict(tmp_path / "straight" / "vqgan.safetensors")
     b = read_state_dict(tmp_path / "resumed" / "vqgan.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings_and_a_missing_run(tmp_path, capsys):
+    config = dict(steps=2, batch_size=2, save_every=1, warmup=1, eval_images=0)
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), **config))
+    changed = dict(config, steps=4)
+    with pytest.raises(ClipguideError, match=r"other settings \(steps=2 -> 4\)"):
+        train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), resume=True, **changed))
+    # where it writes and how often may change; the trajectory may not
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), resume=True, **dict(config, save_every=2)))
+
+    capsys.readouterr()
+    assert train_vqgan.main(["--out", str(tmp_path / "none"), "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to resume" in err and "no state.pt" in err
