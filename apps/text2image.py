@@ -200,10 +200,10 @@ def _vqgan_backend(model: Union[str, os.PathLike, None], steps: int) -> BackendI
         return BackendInfo("vqgan", False, "needs taming-transformers: `pip install taming-transformers-rom1504`")
     if not (path.is_file() and path.with_suffix(".json").is_file()):
         return BackendInfo("vqgan", False,
-                           "needs a ShapesWorld VQGAN, which is not shipped yet: train one offline with "
-                           "`python -m clipguide.train_vqgan --out runs/vqgan` and copy `runs/vqgan/vqgan.safetensors` "
-                           "and `vqgan.json` to `clipguide/weights/vqgan-shapes.safetensors` / `.json` (or download a "
-                           "taming VQGAN and pass its path to `build_app(vqgan_model=...)`).")
+                           f"needs a VQGAN at {path} with its .json beside it: the shipped one is "
+                           "`clipguide/weights/vqgan-shapes.safetensors` (retrain it with "
+                           "`python -m clipguide.train_vqgan --out runs/vqgan`), or pass a taming VQGAN's path to "
+                           "`build_app(vqgan_model=...)`.")
     name = "shapes" if model is None else path.stem
     return BackendInfo("vqgan", True, options={"model": str(path)}, model=name, default_steps=steps)
 

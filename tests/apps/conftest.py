@@ -26,8 +26,10 @@ def tiny_diffusion_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def app(tiny_diffusion_folder) -> Text2Image:
-    """The app over the tiny diffusion model, previews after every step."""
-    return Text2Image(Limits(**SMALL), diffusion_model=tiny_diffusion_folder, preview_every=1)
+    """The app over the tiny diffusion model and no VQGAN (so one backend is unavailable), previews after every
+    step."""
+    return Text2Image(Limits(**SMALL), diffusion_model=tiny_diffusion_folder,
+                      vqgan_model="/nonexistent/vqgan.safetensors", preview_every=1)
 
 
 def inputs(**overrides) -> dict:

@@ -116,6 +116,7 @@ def test_backends_offered_are_those_that_run_offline(tmp_path, tiny_diffusion_fo
 
     found = find_backends(diffusion_model=tiny_diffusion_folder)
     assert found["diffusion"].available and found["diffusion"].native_size == 16
+    assert found["vqgan"].available and found["vqgan"].model == "shapes"   # the shipped VQGAN
     assert found["diffusion"].options == {"model": str(tiny_diffusion_folder)} and found["diffusion"].model == "tiny"
 
 
@@ -127,7 +128,7 @@ def dropdown_choices(demo, elem_id):
 def test_default_backend_is_diffusion_when_available(tmp_path, tiny_diffusion_folder):
     with_model = Text2Image(diffusion_model=tiny_diffusion_folder)
     assert with_model.default_backend == "diffusion"
-    assert dropdown_choices(with_model.build(), "backend") == (["diffusion", "fourier", "pixels"], "diffusion")
+    assert dropdown_choices(with_model.build(), "backend") == (["diffusion", "fourier", "pixels", "vqgan"], "diffusion")
 
     without = Text2Image(diffusion_model=tmp_path / "none", vqgan_model=tmp_path / "none.safetensors")
     assert without.default_backend == "pixels"

@@ -24,7 +24,7 @@ def test_dead_codes_move_onto_batch_latents_and_live_codes_stay():
 
 
 def test_a_crashed_run_resumes_exactly(tmp_path, monkeypatch):
-    config = dict(steps=6, batch_size=2, save_every=3, restart_every=2, warmup=1, eval_images=0)
+    config = dict(steps=6, batch_size=2, save_every=3, restart_every=2, warmup=1, eval_images=0, full_steps=2)
     train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "straight"), **config))
 
     real_batch = train_vqgan.shapes_batch

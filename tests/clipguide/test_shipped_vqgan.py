@@ -1,0 +1,43 @@
+"""The shipped ShapesWorld VQGAN: small, loads offline by name, reconstructs ShapesWorld pictures closely, and
+`clipguide generate --backend vqgan` runs on it with no download.
+
+The bounds sit above what the model reaches (mean error 4.2/255, median 2.8/255 on these 64 fresh pictures): close,
+but the oracle, which wants 95% of the border within 12/255 of one colour, still reads almost none of them back
+(issue 5's goal is 98%); the residual is a faint texture of a few levels everywhere.
+"""
+import json
+
+import torch
+from PIL import Image
+
+from clipguide.cli import main
+from clipguide.training import shapes_batch
+from clipguide.vqgan_model import WEIGHTS, load_vqgan
+
+
+def test_shipped_vqgan_is_small_and_loads_by_name():
+    path = WEIGHTS / "vqgan-shapes.safetensors"
+    assert path.stat().st_size <= 10 * 2**20 and path.with_suffix(".json").is_file()
+    model = load_vqgan("shapes")
+    assert model.config.factor == 4 and not any(p.requires_grad for p in model.parameters())
+
+
+def test_shipped_vqgan_reconstructs_fresh_pictures_closely():
+    model = load_vqgan("shapes")
+    x = shapes_batch(123_456, 64, 64, seed=7)          # fresh renders: not a training batch
+    with torch.no_grad():
+        recon, _ = model(x)
+    error = (recon.clamp(-1, 1) - x).abs() * 127.5      # in 0..255 levels
+    assert error.mean() < 5.0
+    assert error.median() < 4.0
+
+
+def test_generate_with_the_vqgan_backend_works_offline(capsys, tmp_path):
+    out_path = tmp_path / "vq.png"
+    code = main(["generate", "a red circle on a blue background", "--backend", "vqgan", "--steps", "3", "--cutn",
+                 "4", "--out", str(out_path), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["backend"] == "vqgan" and report["steps"] == 3
+    assert Image.open(out_path).size == (64, 64)
