@@ -53,3 +53,26 @@ def backend_options(tiny_vqgan_path, tiny_diffusion_path):
     """Per-backend options that make every registered backend run in tests without shipped weights."""
     paths = {"vqgan": tiny_vqgan_path, "diffusion": tiny_diffusion_path}
     return lambda name: {"model": str(paths[name])} if name in paths else {}
+
+
+@pytest.fixture
+def crash_and_resume(tmp_path, monkeypatch):
+    """``crash_and_resume(module, config_cls, crash_step, **config)`` trains ``module`` (a training script with
+    ``train`` and ``shapes_batch``) straight into tmp_path/"straight", then into tmp_path/"resumed" with a crash as
+    batch ``crash_step`` is drawn, then ``--resume`` there; returns the two folders."""
+    def run(module, config_cls, crash_step: int, **config):
+        module.train(config_cls(out=str(tmp_path / "straight"), **config))
+        real_batch = module.shapes_batch
+
+        def crash(step, *args):
+            if step == crash_step:
+                raise KeyboardInterrupt
+            return real_batch(step, *args)
+
+        monkeypatch.setattr(module, "shapes_batch", crash)
+        with pytest.raises(KeyboardInterrupt):
+            module.train(config_cls(out=str(tmp_path / "resumed"), **config))
+        monkeypatch.setattr(module, "shapes_batch", real_batch)
+        module.train(config_cls(out=str(tmp_path / "resumed"), resume=True, **config))
+        return tmp_path / "straight", tmp_path / "resumed"
+    return run

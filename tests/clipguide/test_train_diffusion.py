@@ -22,27 +22,13 @@ def test_v_loss_weight_makes_the_v_loss_the_floored_snr_weighted_x0_loss():
     assert v_loss_weight(torch.tensor(0.01), 0.1) == pytest.approx(0.1 * 0.99)
 
 
-def test_a_crashed_run_resumes_exactly(tmp_path, monkeypatch):
-    config = dict(steps=4, batch_size=2, save_every=2, warmup=1)
-    train_diffusion.train(DiffusionTrainConfig(out=str(tmp_path / "straight"), **config))
-
-    real_batch = train_diffusion.shapes_batch
-
-    def crash_at_step_3(step, *args):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_batch(step, *args)
-
-    monkeypatch.setattr(train_diffusion, "shapes_batch", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_diffusion.train(DiffusionTrainConfig(out=str(tmp_path / "resumed"), **config))
-    monkeypatch.setattr(train_diffusion, "shapes_batch", real_batch)
-    train_diffusion.train(DiffusionTrainConfig(out=str(tmp_path / "resumed"), resume=True, **config))
-
+def test_a_crashed_run_resumes_exactly(crash_and_resume):
+    straight, resumed = crash_and_resume(train_diffusion, DiffusionTrainConfig, 3, steps=4, batch_size=2,
+                                         save_every=2, warmup=1)
     for name in ("unet.safetensors", "ema.safetensors"):
-        a, b = read_state_dict(tmp_path / "straight" / name), read_state_dict(tmp_path / "resumed" / name)
+        a, b = read_state_dict(straight / name), read_state_dict(resumed / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    pipe = DDPMPipeline.from_pretrained(tmp_path / "resumed" / "pipeline", local_files_only=True)
-    ema = read_state_dict(tmp_path / "resumed" / "ema.safetensors")
+    pipe = DDPMPipeline.from_pretrained(resumed / "pipeline", local_files_only=True)
+    ema = read_state_dict(resumed / "ema.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())
     assert pipe.scheduler.config.prediction_type == "v_prediction"

@@ -23,25 +23,10 @@ def test_dead_codes_move_onto_batch_latents_and_live_codes_stay():
     assert (usage[dead] == 1).all()
 
 
-def test_a_crashed_run_resumes_exactly(tmp_path, monkeypatch):
-    config = dict(steps=6, batch_size=2, save_every=3, restart_every=2, warmup=1, eval_images=0, full_steps=2)
-    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "straight"), **config))
-
-    real_batch = train_vqgan.shapes_batch
-
-    def crash_at_step_4(step, *args):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_batch(step, *args)
-
-    monkeypatch.setattr(train_vqgan, "shapes_batch", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "resumed"), **config))
-    monkeypatch.setattr(train_vqgan, "shapes_batch", real_batch)
-    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "resumed"), resume=True, **config))
-
-    a = read_state_dict(tmp_path / "straight" / "vqgan.safetensors")
-    b = read_state_dict(tmp_path / "resumed" / "vqgan.safetensors")
+def test_a_crashed_run_resumes_exactly(crash_and_resume):
+    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 4, steps=6, batch_size=2, save_every=3,
+                                         restart_every=2, warmup=1, eval_images=0, full_steps=2)
+    a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
