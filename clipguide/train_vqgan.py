@@ -103,16 +103,14 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         crop = cfg.crop if step < cfg.steps - cfg.full_steps else 64
         x = _crop(shapes_batch(step, cfg.batch_size, 64, cfg.seed), crop, generator)
         z = model.encode(x)
-        z_q, codebook_loss = model.quantize_st(z)
+        z_q, codebook_loss, picks = model.quantize_st(z)
         recon = model.decode(z_q)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + codebook_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            picks = torch.cdist(z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]), model.codebook).argmin(1)
-            usage = 0.99 * usage + torch.bincount(picks, minlength=len(usage)).float()
+        usage = 0.99 * usage + torch.bincount(picks, minlength=len(usage)).float()
         if (step + 1) % cfg.restart_every == 0 and step + 1 < cfg.steps:
             _restart_dead_codes(model, z.detach(), usage, cfg.dead_usage, generator)
         bar.set_postfix(rec=f"{rec.item():.4f}", codebook=f"{codebook_loss.item():.4f}")

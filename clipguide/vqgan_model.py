@@ -91,15 +91,15 @@ class VQGAN(nn.Module):
             return self.quantize.embed(self.quantize.proj(h).argmax(dim=1)).permute(0, 3, 1, 2)
         return h
 
-    def quantize_st(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_st(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents [B, D, h, w] -> (nearest codes [B, D, h, w] with the gradient passed straight to z,
-        codebook loss: ||sg(z_q) - z||^2 * 0.25 + ||z_q - sg(z)||^2)."""
+        codebook loss: ||sg(z_q) - z||^2 * 0.25 + ||z_q - sg(z)||^2, code indices int64 [B * h * w])."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         codes = self.codebook
         index = torch.cdist(flat, codes).argmin(dim=1)
         z_q = codes[index].view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         loss = 0.25 * F.mse_loss(z, z_q.detach()) + F.mse_loss(z_q, z.detach())
-        return z + (z_q - z).detach(), loss
+        return z + (z_q - z).detach(), loss, index
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantised latents [B, D, h, w] -> images [B, 3, h*f, w*f], nominally in [-1, 1]."""
@@ -107,7 +107,7 @@ class VQGAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction [B, 3, H, W] and codebook loss of images in [-1, 1]."""
-        z_q, loss = self.quantize_st(self.encode(x))
+        z_q, loss, _ = self.quantize_st(self.encode(x))
         return self.decode(z_q), loss
 
     def save(self, path: str | os.PathLike) -> Path:

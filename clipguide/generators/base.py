@@ -104,9 +104,10 @@ class OptimisedGenerator(nn.Module):
         """Called without gradient after every optimiser step, to project the parameters back where they are valid."""
 
     def compile_decode(self) -> None:
-        """Compile :meth:`decode` (see :func:`clipguide.compiling.compiled`); the parameters stay the same tensors."""
-        device = next(self.parameters()).device
-        self.decode = compiled(self.decode, device)
+        """Compile :meth:`decode` (see :func:`clipguide.compiling.compiled`); the parameters stay the same tensors.
+        Calling it again changes nothing."""
+        if "decode" not in vars(self):  # the compiled function is an instance attribute shadowing the method
+            self.decode = compiled(self.decode, next(self.parameters()).device)
 
     def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
                callback: Optional[StepCallback] = None) -> torch.Tensor:

@@ -58,7 +58,7 @@ class VQGANGenerator(OptimisedGenerator):
         self.lr = lr
 
     def decode(self) -> torch.Tensor:
-        z_q, _ = self.vqgan.quantize_st(self.z)
+        z_q = self.vqgan.quantize_st(self.z)[0]
         # the decoder runs under bf16 autocast on CUDA (code lookup stays fp32: argmin over near-equal distances)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.z.device.type == "cuda"):
             x = self.vqgan.decode(z_q)

@@ -1,6 +1,7 @@
 import torch
 
 from clipguide import Perceptor, guide
+from clipguide.generators import GENERATORS
 
 PROMPT = "a red circle on a blue background"
 
@@ -21,3 +22,13 @@ def test_guide_compiled_makes_the_same_picture():
     runs = [guide(PROMPT, backend="pixels", steps=4, seed=1, device="cpu", compile=c) for c in (False, True)]
     torch.testing.assert_close(runs[1].tensor, runs[0].tensor, rtol=0, atol=2e-3)
     assert abs(runs[1].losses[-1]["total"] - runs[0].losses[-1]["total"]) < 1e-3
+
+
+def test_compile_decode_twice_wraps_once():
+    generator = GENERATORS.get("pixels")(1, 32, 32, generator=torch.Generator().manual_seed(0))
+    eager = generator.decode()
+    generator.compile_decode()
+    once = generator.decode
+    generator.compile_decode()
+    assert generator.decode is once
+    torch.testing.assert_close(generator.decode(), eager)
