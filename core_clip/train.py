@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, load_strict, read_state_dict
+from .attack import ATTACK_NORMS
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
 from .errors import CheckpointError, CoreClipError
 from .loss import ClipLoss, SigLipLoss
@@ -42,7 +43,7 @@ METRICS = "metrics.jsonl"
 STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
-                     "adv_eps", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start", "twins")
+                     "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start", "twins")
 
 
 @dataclass
@@ -68,7 +69,9 @@ class TrainConfig:
         "help": "a caption true of several images in the batch is a positive for all of them"})
     augment: bool = field(default=True, metadata={"help": "random crops, shifts and pixel noise"})
     adv_eps: float = field(default=0.0, metadata={
-        "help": "adversarial training: L-inf radius of image perturbations in [0, 1] pixel units (0: off)"})
+        "help": "adversarial training: radius of image perturbations in [0, 1] pixel units, per pixel for linf, "
+                "of the whole image for l2 (0: off)"})
+    adv_norm: str = field(default="linf", metadata={"help": "the attack's ball: linf or l2"})
     adv_steps: int = field(default=1, metadata={"help": "attack steps per batch when --adv-eps > 0"})
     adv_start: int = field(default=0, metadata={
         "help": "clean optimiser steps before adversarial training starts (learn the content first, then robustness)"})
@@ -258,6 +261,8 @@ class Trainer:
             raise TrainError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
         if cfg.loss not in ("clip", "siglip"):
             raise TrainError(f"--loss must be clip or siglip, got {cfg.loss!r}")
+        if cfg.adv_norm not in ATTACK_NORMS:
+            raise TrainError(f"--adv-norm must be linf or l2, got {cfg.adv_norm!r}")
 
     # ------------------------------------------------------------------ state
 
@@ -283,7 +288,9 @@ class Trainer:
             raise TrainError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
         state = Checkpoints.read_state(path)
         saved = state["config"]
-        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != getattr(self.cfg, k)]
+        # a setting added after the run was saved counts as its default
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        changed = [k for k in RESUME_INVARIANTS if saved.get(k, defaults.get(k)) != getattr(self.cfg, k)]
         if state["world_size"] != self.dist.world_size:
             changed.append(f"world size ({state['world_size']} -> {self.dist.world_size})")
         if changed:
@@ -325,8 +332,8 @@ class Trainer:
         return self.net(images, tokens)
 
     def _adversarial(self, batch: Batch, j: int) -> Batch:
-        """The batch with its images moved within an L-inf ball of radius ``adv_eps`` to raise this process's
-        contrastive loss (PGD from a random start; one step is "fast" adversarial training).
+        """The batch with its images moved within a ball of radius ``adv_eps`` (L-inf or L2, ``adv_norm``) to raise
+        this process's contrastive loss (PGD from a random start; one L-inf step is "fast" adversarial training).
 
         Training on these makes the image tower robust, so its input gradients change what a picture shows rather
         than adding imperceptible texture: what CLIP guidance needs.
@@ -338,14 +345,15 @@ class Trainer:
         pos = positives(batch.facts, batch.claims).to(self.device) if cfg.multi_positive else None
         scale = model.logit_scale.detach()
         generator = torch.Generator(self.device).manual_seed(((cfg.seed * 1_000_003 + self.step) * 131 + j) % 2**63)
-        delta = (torch.rand(images.shape, generator=generator, device=self.device) * 2 - 1) * eps
+        ball = ATTACK_NORMS[cfg.adv_norm]
+        delta = ball.start(images.shape, eps, generator)
         for _ in range(cfg.adv_steps):
             delta.requires_grad_(True)
             with self._autocast():
                 features = model.encode_image(model.preprocess.normalize((images + delta).clamp(0, 1)), grad=True)
                 loss = self.attack_loss(features, text, scale, positives=pos)["contrastive_loss"]
             grad, = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() + 1.25 * eps / cfg.adv_steps * grad.sign()).clamp(-eps, eps)
+            delta = ball.step(delta.detach(), grad, eps / cfg.adv_steps, eps)
         return replace(batch, images=(images + delta).clamp(0, 1))
 
     def _positives(self, batches: list[Batch]) -> torch.Tensor | None:

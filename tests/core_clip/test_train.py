@@ -13,7 +13,7 @@ from PIL import Image
 
 import core_clip
 from core_clip.errors import DataError, ImageReadError
-from core_clip.train import TrainConfig, Trainer, TrainError, train
+from core_clip.train import Checkpoints, TrainConfig, Trainer, TrainError, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,6 +138,19 @@ def test_resume_guards(tmp_path):
         train(_cfg(tmp_path, max_steps=4, resume=True, batch_size=8))
     with pytest.raises(TrainError, match="--lr must be > 0"):
         train(_cfg(tmp_path, lr=0))
+    with pytest.raises(TrainError, match="--adv-norm must be linf or l2, got 'l1'"):
+        train(_cfg(tmp_path, adv_eps=1.0, adv_norm="l1"))
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed_takes_its_default(tmp_path):
+    train(_cfg(tmp_path, max_steps=2, save_every=1))
+    checkpoint = Checkpoints(tmp_path / "run", keep=2).latest()
+    state = Checkpoints.read_state(checkpoint)
+    del state["config"]["adv_norm"]  # as written before --adv-norm was added
+    torch.save(state, checkpoint / "state.pt")
+    train(_cfg(tmp_path, max_steps=3, resume=True))
+    with pytest.raises(TrainError, match="differ from the saved run: adv_norm"):
+        train(_cfg(tmp_path, max_steps=4, resume=True, adv_norm="l2"))
 
 
 def test_cli_train_json(tmp_path, capsys):
@@ -151,14 +164,16 @@ def test_cli_train_json(tmp_path, capsys):
     core_clip.load(result["out"], device="cpu")
 
 
-def test_adversarial_images_stay_in_the_ball_raise_the_loss_and_are_reproducible(tmp_path):
+@pytest.mark.parametrize("norm, eps", [("linf", 0.03), ("l2", 2.0)])
+def test_adversarial_images_stay_in_the_ball_raise_the_loss_and_are_reproducible(tmp_path, norm, eps):
     from core_clip.loss import ClipLoss
 
-    trainer = Trainer(_cfg(tmp_path, adv_eps=0.03, adv_steps=2, augment=False))
+    trainer = Trainer(_cfg(tmp_path, adv_eps=eps, adv_norm=norm, adv_steps=2, augment=False))
     batch = next(trainer._batches(epoch=0, start_step=0))[0]
     attacked = trainer._adversarial(batch, 0)
     delta = attacked.images - batch.images
-    assert delta.abs().max() <= 0.03 + 1e-6 and delta.abs().max() > 0.02
+    size = delta.abs().amax(dim=(1, 2, 3)) if norm == "linf" else delta.flatten(1).norm(dim=1)
+    assert size.max() <= eps * (1 + 1e-5) and size.min() > 0.6 * eps  # clamping to [0, 1] only shrinks delta
     assert attacked.images.min() >= 0 and attacked.images.max() <= 1
     assert torch.equal(trainer._adversarial(batch, 0).images, attacked.images)
     assert not torch.equal(trainer._adversarial(batch, 1).images, attacked.images)
