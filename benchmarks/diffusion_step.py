@@ -35,10 +35,12 @@ from guide_step import _peak_mib, _sync, parse_args  # noqa: E402  (same folder)
 
 def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, steps: int, device: torch.device,
                   compile: bool = False, **options) -> tuple[float, float]:
-    """ms per step and peak MiB of a ``steps``-step sampling run (after a 3-step warm-up run, which compiles)."""
+    """ms per step and peak MiB of a ``steps``-step sampling run (after a 3-step warm-up run, which compiles).
+    Recurrence is off, so that every step is one model call, guided or not."""
     def run(n: int) -> None:
         generator = torch.Generator(device).manual_seed(0)
-        sampler = DiffusionGenerator(1, size, size, generator=generator, model=model, scheduler=None, **options)
+        sampler = DiffusionGenerator(1, size, size, generator=generator, model=model, scheduler=None, recurrence=1,
+                                     **options)
         if compile:
             sampler.compile_decode()
         sampler.sample(guidance, n, generator)

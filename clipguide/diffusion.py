@@ -131,6 +131,16 @@ def output_correction(g: torch.Tensor, a: torch.Tensor, prediction_type: str) ->
     raise ClipguideError(f"unknown prediction type {prediction_type!r}")
 
 
+def renoise(x_prev: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process's jump from a sample at an earlier (less noisy) step back to timestep t: a draw of
+    q(x_t | x_prev) = N(sqrt(a_t / a_prev) x_prev, (1 - a_t / a_prev) I), using ``noise`` ~ N(0, I).
+
+    x_prev, noise: [B, C, H, W]; a_t <= a_prev: alpha_bar at t and at the earlier step, [B, 1, 1, 1] (or scalars).
+    """
+    ratio = a_t / a_prev
+    return ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise
+
+
 # ------------------------------------------------------------------------------------------------------ decoders
 
 def pipeline_vae(pipe: Any) -> Optional[nn.Module]:

@@ -109,7 +109,7 @@ def test_generation_is_what_the_prompt_asked_for(server, client):
         f"no ShapesWorld diffusion model at {DIFFUSION_MODEL}: ship clipguide/weights/diffusion-shapes/ (or point "
         "CLIPGUIDE_TEST_DIFFUSION_MODEL at a trained pipeline folder)")
     # One of the seen-pair prompts that the shipped model draws right with the app's settings (`python -m
-    # clipguide.evaluate --backend diffusion` case 20, seed 20); guided, it gets only 10% of them fully right so far
+    # clipguide.evaluate --backend diffusion` case 20, seed 20); guided, it gets only 14% of them fully right so far
     # (issue 6), so this checks the whole path from the browser API to the PNG, not the model's general quality.
     image, gallery, status, files, seed = client.predict(
         **request(prompt="a yellow square on a blue background", backend="diffusion", steps=50, size=32, seed=20,

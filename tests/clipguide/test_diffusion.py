@@ -12,8 +12,8 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
 
 from clipguide import CLIPGuidance, ClipguideError, guide
 from clipguide.diffusion import (DiffusionGuidanceConfig, GuidedForward, alpha_bar, attach, decoder_for,
-                                 output_correction, predict_x0)
-from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel
+                                 output_correction, predict_x0, renoise)
+from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel, load_diffusion
 
 from .conftest import tiny_unet
 
@@ -289,6 +289,50 @@ def test_guided_sampling_is_seeded_and_batch_items_follow_their_own_seeds(percep
     pair = run(perceptor, tiny_diffusion_path, scale=0.0, seed=5, batch=2)
     single = run(perceptor, tiny_diffusion_path, scale=0.0, seed=6)
     torch.testing.assert_close(pair.tensor[1:], single.tensor)
+
+
+def test_renoise_draws_the_forward_processs_marginal():
+    # x_s drawn from q(x_s | x0) and jumped back to t must be distributed as q(x_t | x0) = N(sqrt(a_t) x0, 1 - a_t)
+    a_t, a_s = torch.tensor(0.3), torch.tensor(0.8)
+    x0 = torch.linspace(-1, 1, 5).view(5, 1, 1, 1)
+    x_s = a_s.sqrt() * x0 + (1 - a_s).sqrt() * torch.randn(5, 1, 200, 200, generator=gen(1))
+    x_t = renoise(x_s, a_t, a_s, torch.randn(x_s.shape, generator=gen(2)))
+    torch.testing.assert_close(x_t.mean(dim=(1, 2, 3)), a_t.sqrt() * x0.flatten(), atol=0.01, rtol=0)
+    torch.testing.assert_close(x_t.var(dim=(1, 2, 3)), (1 - a_t).expand(5), atol=0.01, rtol=0)
+
+
+def test_recurrence_retakes_the_low_noise_steps_and_keeps_per_image_seeds(perceptor, tiny_diffusion_path):
+    model = load_diffusion(str(tiny_diffusion_path))
+    calls = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, *a, **k: calls.append(int(t)) or forward(x, t, *a, **k)
+    steps, below = 10, 0.35
+    sampler = DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scale=0.0, recurrence=3, recurrence_below=below)
+    sampler.sample(None, steps, gen())
+    timesteps = sampler.model.scheduler.timesteps.tolist()
+    low = [t for t in timesteps[:-1] if t < below * 1000]
+    assert low and len(calls) == steps + 2 * len(low)
+    assert all(calls.count(t) == (3 if t in low else 1) for t in timesteps)
+    model.unet.forward = forward
+    pair = run(perceptor, tiny_diffusion_path, steps=steps, scale=0.0, seed=5, batch=2, recurrence=3)
+    single = run(perceptor, tiny_diffusion_path, steps=steps, scale=0.0, seed=6, recurrence=3)
+    plain = run(perceptor, tiny_diffusion_path, steps=steps, scale=0.0, seed=6, recurrence=1)
+    torch.testing.assert_close(pair.tensor[1:], single.tensor)
+    assert not torch.equal(single.tensor, plain.tensor)
+
+
+def test_recurrence_defaults_to_what_the_sampler_can_do_and_refuses_what_it_cannot(tiny_diffusion_path):
+    make = lambda **o: DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), **o)
+    assert make().recurrence == 3 and make(scheduler="ddim").recurrence == 3
+    assert make(scheduler="euler").recurrence == 1 and make(scheduler="dpm").recurrence == 1
+    with pytest.raises(ClipguideError, match="recurrence 2 needs a sampler whose step depends only on its timestep"):
+        make(scheduler="euler", recurrence=2)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ClipguideError, match="recurrence must be a positive integer"):
+            make(recurrence=bad)
+    for bad in (0, 1.5):
+        with pytest.raises(ClipguideError, match=r"recurrence_below must be in \(0, 1\]"):
+            make(recurrence_below=bad)
 
 
 def test_img2img_strength_controls_how_far_from_the_init(perceptor, tiny_diffusion_path):
