@@ -63,6 +63,8 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--scale", "100"], "backend 'pixels' has no option 'scale'"),
     (["--backend", "diffusion", "--lr", "0.1"], "backend 'diffusion' has no option 'lr'"),
     (["--backend", "diffusion", "--scheduler", "plms"], "unknown scheduler 'plms'"),
+    (["--backend", "diffusion", "--scheduler", "euler", "--recurrence", "2"], "recurrence 2 needs a sampler"),
+    (["--recurrence", "0"], "--recurrence"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)
