@@ -313,6 +313,14 @@ def test_recurrence_retakes_the_low_noise_steps_and_keeps_per_image_seeds(percep
     low = [t for t in timesteps[:-1] if t < below * 1000]
     assert low and len(calls) == steps + 2 * len(low)
     assert all(calls.count(t) == (3 if t in low else 1) for t in timesteps)
+    # guided steps recur too: here the first half of the trajectory, where guidance is on (end 0.5)
+    calls.clear()
+    sampler = DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scale=100.0, end=0.5, recurrence=3,
+                                 recurrence_below=below)
+    sampler.sample(CLIPGuidance("a red circle", perceptor=perceptor, cutn=2), steps, gen())
+    guided = [t for t in timesteps if 1 - t / 999 <= 0.5]
+    assert guided and not set(guided) & set(low)
+    assert all(calls.count(t) == (3 if t in low + guided else 1) for t in timesteps)
     model.unet.forward = forward
     pair = run(perceptor, tiny_diffusion_path, steps=steps, scale=0.0, seed=5, batch=2, recurrence=3)
     single = run(perceptor, tiny_diffusion_path, steps=steps, scale=0.0, seed=6, recurrence=3)
