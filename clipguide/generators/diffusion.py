@@ -210,8 +210,9 @@ class DiffusionGenerator(nn.Module):
             self.model = replace(self.model, scheduler=cls.from_config(self.model.scheduler.config))
             check_scheduler(self.model.scheduler)
         self.recurrence = _recurrence(recurrence, self.model.scheduler)
-        if not 0 < recurrence_below <= 1:
-            raise ClipguideError(f"recurrence_below must be in (0, 1], got {recurrence_below}")
+        if isinstance(recurrence_below, bool) or not isinstance(recurrence_below, (int, float)) \
+                or not 0 < recurrence_below <= 1:
+            raise ClipguideError(f"recurrence_below must be a number in (0, 1], got {recurrence_below!r}")
         self.recurrence_below = recurrence_below
         seed = generator.initial_seed()
         self.generators = [torch.Generator(device).manual_seed(seed + i) for i in range(batch)]

@@ -338,8 +338,8 @@ def test_recurrence_defaults_to_what_the_sampler_can_do_and_refuses_what_it_cann
     for bad in (0, 2.5, True):
         with pytest.raises(ClipguideError, match="recurrence must be a positive integer"):
             make(recurrence=bad)
-    for bad in (0, 1.5):
-        with pytest.raises(ClipguideError, match=r"recurrence_below must be in \(0, 1\]"):
+    for bad in (0, 1.5, "half"):
+        with pytest.raises(ClipguideError, match=r"recurrence_below must be a number in \(0, 1\]"):
             make(recurrence_below=bad)
 
 
