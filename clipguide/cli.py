@@ -40,7 +40,8 @@ def cmd_generate(args) -> None:
     from .guide import guide
 
     out = Path(args.out)
-    backend_options = {k: v for k in ("lr", "scale", "scheduler", "recurrence", "model") if (v := getattr(args, k)) is not None}
+    backend_options = {k: v for k in ("lr", "scale", "scheduler", "recurrence", "model")
+                       if (v := getattr(args, k)) is not None}
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=_positive_float, help="CLIP guidance scale of the diffusion backend")
     p.add_argument("--scheduler", help="diffusion sampler (ddpm, ddim, euler, euler_a, dpm, heun, unipc)")
     p.add_argument("--recurrence", type=positive_int,
-                   help="diffusion: times each low-noise step is taken (1: off; default 3 with ddpm and ddim)")
+                   help="diffusion: times each guided or low-noise step is taken (1: off; default 3 with ddpm, ddim)")
     p.add_argument("--model", help="the vqgan or diffusion backend's model: a shipped or public name, or a path")
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
     p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")

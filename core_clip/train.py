@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, load_strict, read_state_dict
 from .attack import ATTACK_NORMS
+from .checkpoint import atomic_write, load_strict, read_state_dict
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
 from .errors import CheckpointError, CoreClipError
 from .loss import ClipLoss, SigLipLoss
@@ -43,7 +43,8 @@ METRICS = "metrics.jsonl"
 STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
-                     "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start", "twins")
+                     "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start",
+                     "twins")
 
 
 @dataclass
@@ -262,7 +263,7 @@ class Trainer:
         if cfg.loss not in ("clip", "siglip"):
             raise TrainError(f"--loss must be clip or siglip, got {cfg.loss!r}")
         if cfg.adv_norm not in ATTACK_NORMS:
-            raise TrainError(f"--adv-norm must be linf or l2, got {cfg.adv_norm!r}")
+            raise TrainError(f"--adv-norm must be {' or '.join(ATTACK_NORMS)}, got {cfg.adv_norm!r}")
 
     # ------------------------------------------------------------------ state
 

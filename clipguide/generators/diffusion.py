@@ -299,10 +299,11 @@ class DiffusionGenerator(nn.Module):
         for i, t in enumerate(timesteps):
             recurs = i + 1 < len(timesteps) and (t < recur_below or guided.guided_at(t))
             repeats = self.recurrence if recurs else 1
+            if repeats > 1:
+                a_t, a_next = (alpha_bar(scheduler.alphas_cumprod, s, len(latents)).to(self.device)
+                               for s in (t, timesteps[i + 1]))
             for r in range(repeats):
                 if r:
-                    a_t, a_next = (alpha_bar(scheduler.alphas_cumprod, s, len(latents)).to(self.device)
-                                   for s in (t, timesteps[i + 1]))
                     latents = renoise(latents, a_t, a_next, self._noise(self.shape))
                 x_in = scheduler.scale_model_input(latents, t).to(dtype)
                 if cfg:

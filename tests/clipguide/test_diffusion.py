@@ -307,7 +307,8 @@ def test_recurrence_retakes_the_low_noise_steps_and_keeps_per_image_seeds(percep
     forward = model.unet.forward
     model.unet.forward = lambda x, t, *a, **k: calls.append(int(t)) or forward(x, t, *a, **k)
     steps, below = 10, 0.35
-    sampler = DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scale=0.0, recurrence=3, recurrence_below=below)
+    sampler = DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scale=0.0, recurrence=3,
+                                 recurrence_below=below)
     sampler.sample(None, steps, gen())
     timesteps = sampler.model.scheduler.timesteps.tolist()
     low = [t for t in timesteps[:-1] if t < below * 1000]
