@@ -40,7 +40,7 @@ def cmd_generate(args) -> None:
     from .guide import guide
 
     out = Path(args.out)
-    backend_options = {k: v for k in ("lr", "scale", "scheduler", "recurrence", "model")
+    backend_options = {k: v for k in ("lr", "scale", "scheduler", "recurrence", "candidates", "polish", "model")
                        if (v := getattr(args, k)) is not None}
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="diffusion sampler (ddpm, ddim, euler, euler_a, dpm, heun, unipc)")
     p.add_argument("--recurrence", type=positive_int,
                    help="diffusion: times each guided or low-noise step is taken (1: off; default 3 with ddpm, ddim)")
+    p.add_argument("--candidates", type=positive_int,
+                   help="diffusion: candidates per image, the best by guidance loss kept early (default 4 with ddpm, ddim)")
+    p.add_argument("--polish", type=int_at_least(0, "a non-negative integer"),
+                   help="diffusion: noisy copies whose x0 estimates are averaged at the end (0: off; default 16)")
     p.add_argument("--model", help="the vqgan or diffusion backend's model: a shipped or public name, or a path")
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
     p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from core_clip.checkpoint import atomic_write, current_umask, load_strict, read_state_dict, save_safetensors
 
+from .errors import ClipguideError
 from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 
 SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
@@ -33,6 +34,7 @@ SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_blo
                    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
 # v-prediction: at the highest noise levels, where a 32 px picture's colours are decided, an epsilon model's x0
 # estimate divides by sqrt(alpha_bar) ~ 0.03 and its small errors become saturated, off-palette colours.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                         clip_sample=True)
 
@@ -49,7 +51,12 @@ class DiffusionTrainConfig:
     seed: int = 0
     save_every: int = 250
     device: str = "cpu"
+    precision: str = "fp32"   # fp32, or bf16 autocast (1.3x faster steps on a CPU with AVX512-BF16)
     resume: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ClipguideError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def v_loss_weight(alpha_bar: torch.Tensor, snr_floor: float) -> torch.Tensor:
@@ -119,7 +126,9 @@ def train(cfg: DiffusionTrainConfig):
         t = torch.randint(0, len(alphas), (len(x0),), generator=g).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         target = a.sqrt() * noise - (1 - a).sqrt() * x0     # v = sqrt(a) eps - sqrt(1 - a) x0
-        error = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample, target, reduction="none")
+        with torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32"):
+            v = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample
+        error = F.mse_loss(v.float(), target, reduction="none")
         loss = (v_loss_weight(a, cfg.snr_floor) * error).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

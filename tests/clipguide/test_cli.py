@@ -65,6 +65,10 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--backend", "diffusion", "--scheduler", "plms"], "unknown scheduler 'plms'"),
     (["--backend", "diffusion", "--scheduler", "euler", "--recurrence", "2"], "recurrence 2 needs a sampler"),
     (["--recurrence", "0"], "--recurrence"),
+    (["--backend", "diffusion", "--polish", "-1"], "--polish"),
+    (["--backend", "diffusion", "--candidates", "0"], "--candidates"),
+    (["--backend", "diffusion", "--scheduler", "dpm", "--candidates", "2"], "candidates 2 need a sampler"),
+    (["--polish", "4"], "backend 'pixels' has no option 'polish'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)

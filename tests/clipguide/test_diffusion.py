@@ -33,6 +33,9 @@ class Quadratic:
     def per_image(self, images):
         return {"total": (images - self.target).pow(2).sum(dim=(1, 2, 3))}
 
+    def summary(self, terms):
+        return {"total": float(terms["total"].mean())}
+
 
 # ------------------------------------------------------------------------------------------------ formulas
 
@@ -308,7 +311,7 @@ def test_recurrence_retakes_the_low_noise_steps_and_keeps_per_image_seeds(percep
     model.unet.forward = lambda x, t, *a, **k: calls.append(int(t)) or forward(x, t, *a, **k)
     steps, below = 10, 0.35
     sampler = DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scale=0.0, recurrence=3,
-                                 recurrence_below=below)
+                                 recurrence_below=below, polish=0)
     sampler.sample(None, steps, gen())
     timesteps = sampler.model.scheduler.timesteps.tolist()
     low = [t for t in timesteps[:-1] if t < below * 1000]
@@ -317,7 +320,7 @@ def test_recurrence_retakes_the_low_noise_steps_and_keeps_per_image_seeds(percep
     # guided steps recur too: here the first half of the trajectory, where guidance is on (end 0.5)
     calls.clear()
     sampler = DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scale=100.0, end=0.5, recurrence=3,
-                                 recurrence_below=below)
+                                 recurrence_below=below, polish=0)
     sampler.sample(CLIPGuidance("a red circle", perceptor=perceptor, cutn=2), steps, gen())
     guided = [t for t in timesteps if 1 - t / 999 <= 0.5]
     assert guided and not set(guided) & set(low)
@@ -328,6 +331,110 @@ def test_recurrence_retakes_the_low_noise_steps_and_keeps_per_image_seeds(percep
     plain = run(perceptor, tiny_diffusion_path, steps=steps, scale=0.0, seed=6, recurrence=1)
     torch.testing.assert_close(pair.tensor[1:], single.tensor)
     assert not torch.equal(single.tensor, plain.tensor)
+
+
+def test_polish_averages_the_models_x0_estimates_of_noisy_copies_of_the_sample(tiny_diffusion_path):
+    model = load_diffusion(str(tiny_diffusion_path))
+    calls = []
+    forward = model.unet.forward
+
+    def spy(x, t, *args, **kwargs):
+        out = forward(x, t, *args, **kwargs)
+        calls.append((int(t), x, out.sample))
+        return out
+
+    model.unet.forward = spy
+    make = lambda **o: DiffusionGenerator(2, 16, 16, generator=gen(3), model=model, scale=0.0, **o)
+    plain = make(polish=0).sample(None, 5, gen(3))
+    assert len(calls) == 5   # timesteps 800, 600, 400, 200, 0: none recurs (the last never does), no polish
+    calls.clear()
+    polished = make(polish=4, polish_at=0.3).sample(None, 5, gen(3))
+    model.unet.forward = forward
+    copies = calls[-4:]
+    assert [t for t, _, _ in copies] == [300] * 4 and all(t != 300 for t, _, _ in calls[:-4])
+    a = alpha_bar(model.scheduler.alphas_cumprod, 300, 2)
+    x0 = plain * 2 - 1   # the unpolished sample in the model's [-1, 1] frame (the trajectory is the same)
+    noises = [(x_t - a.sqrt() * x0) / (1 - a).sqrt() for _, x_t, _ in copies]
+    for i, n in enumerate(noises):   # each copy is the sample noised along q(x_t | x0), with its own draw
+        assert abs(float(n.mean())) < 0.1 and abs(float(n.std()) - 1) < 0.1
+        assert all(not torch.allclose(n, m) for m in noises[i + 1:])
+    mean = sum(predict_x0(out, x_t, a, "epsilon") for _, x_t, out in copies) / 4
+    torch.testing.assert_close(polished, ((mean + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+    assert not torch.allclose(polished, plain, atol=1e-3)
+
+
+def test_polish_options_are_checked(tiny_diffusion_path):
+    make = lambda **o: DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), **o)
+    assert (make().polish, make().polish_at) == (16, 0.16)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ClipguideError, match="polish must be a non-negative integer"):
+            make(polish=bad)
+    for bad in (0, 1, "low"):
+        with pytest.raises(ClipguideError, match=r"polish_at must be a number in \(0, 1\)"):
+            make(polish_at=bad)
+
+
+def test_candidates_go_on_with_each_images_lowest_loss_candidate(tiny_diffusion_path):
+    model = load_diffusion(str(tiny_diffusion_path))
+    target = torch.full((1, 3, 16, 16), 0.8)
+    steps, select = 6, 3   # select_at 0.5 of 6 steps: candidates are compared after step index 3
+    options = dict(model=model, scale=50.0, select_at=0.5, polish=0, recurrence=1)
+
+    def sample(batch, seed, candidates):
+        rows, previews, losses = [], [], {}
+        forward = model.unet.forward
+        model.unet.forward = lambda x, t, *a, **k: rows.append(len(x)) or forward(x, t, *a, **k)
+        try:
+            image = DiffusionGenerator(batch, 16, 16, generator=gen(seed), candidates=candidates, **options).sample(
+                Quadratic(target), steps, gen(seed),
+                callback=lambda step, l, im: previews.append(im.shape) or losses.setdefault(step, l["total"]))
+        finally:
+            model.unet.forward = forward
+        return image, rows, previews, losses[select + 1]
+
+    # candidate j of image 0 is what its j-th seed draws alone; its loss at the selection step decides
+    seeds = [5] + torch.randint(2**32, (2,), generator=gen(5)).tolist()
+    alone = [sample(1, seed, 1) for seed in seeds]
+    image, rows, previews, _ = sample(1, 5, 3)
+    best = min(range(3), key=lambda j: alone[j][3])
+    assert best != 0   # so that keeping candidate 0 would fail here
+    close = dict(atol=1e-3, rtol=0)   # a batch of 3 and a batch of 1 round differently inside the UNet
+    torch.testing.assert_close(image, alone[best][0], **close)
+    assert all(not torch.allclose(image, alone[j][0], atol=0.1) for j in range(3) if j != best)
+    assert rows == [3] * (select + 1) + [1] * (steps - select - 1)
+    assert previews == [(1, 3, 16, 16)] * steps
+    # an image's candidates depend on its own seed alone
+    pair = sample(2, 5, 3)[0]
+    torch.testing.assert_close(pair[:1], image, **close)
+    torch.testing.assert_close(pair[1:], sample(1, 6, 3)[0], **close)
+
+
+def test_candidates_default_to_what_the_sampler_and_the_guidance_allow(tiny_diffusion_path):
+    make = lambda **o: DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), **o)
+    assert make().candidates == 4 and make(scheduler="ddim").candidates == 4
+    assert make(scale=0.0).candidates == 1 and make(scheduler="euler").candidates == 1
+    with pytest.raises(ClipguideError, match="candidates 2 need a sampler whose step depends only on its timestep"):
+        make(scheduler="dpm", candidates=2)
+    with pytest.raises(ClipguideError, match=r"candidates 2 are chosen by the guidance loss, which is off \(scale 0\)"):
+        make(scale=0.0, candidates=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ClipguideError, match="candidates must be a positive integer"):
+            make(candidates=bad)
+    for bad in (0, 1, "early"):
+        with pytest.raises(ClipguideError, match=r"select_at must be a number in \(0, 1\)"):
+            make(select_at=bad)
+    # guidance that starts after the selection cannot choose: asked for, that is an error before any sampling;
+    # by default, the images are sampled without candidates
+    quadratic = Quadratic(torch.full((1, 3, 16, 16), 0.8))
+    late = dict(start=0.6, select_at=0.2, polish=0)
+    with pytest.raises(ClipguideError, match="no step up to there is guided"):
+        make(candidates=2, **late).sample(quadratic, 5, gen())
+    sampler = make(**late)
+    rows = []
+    forward = sampler.model.unet.forward
+    sampler.model.unet.forward = lambda x, t, *a, **k: rows.append(len(x)) or forward(x, t, *a, **k)
+    sampler.sample(quadratic, 5, gen())
+    assert rows and set(rows) == {1}
 
 
 def test_recurrence_defaults_to_what_the_sampler_can_do_and_refuses_what_it_cannot(tiny_diffusion_path):
@@ -346,7 +453,8 @@ def test_recurrence_defaults_to_what_the_sampler_can_do_and_refuses_what_it_cann
 
 def test_img2img_strength_controls_how_far_from_the_init(perceptor, tiny_diffusion_path):
     init = torch.rand(1, 3, 16, 16, generator=gen(9)) * 0.5 + 0.25
-    far = lambda s: float((run(perceptor, tiny_diffusion_path, steps=10, scale=0.0, scheduler="ddim",
+    # no polish: a random UNet's x0 estimates would move even an untouched init
+    far = lambda s: float((run(perceptor, tiny_diffusion_path, steps=10, scale=0.0, scheduler="ddim", polish=0,
                                init_image=init, strength=s).tensor - init).abs().mean())
     assert far(0.1) < 0.05 < far(1.0)
 

@@ -1,9 +1,10 @@
 """The shipped ShapesWorld diffusion model: a stock diffusers folder, samples on the ShapesWorld palette, and CLIP
 guidance that changes what it draws toward the prompt (judged by the oracle, never by CLIP).
 
-The clean-shape bounds sit below what the model reaches (39 of these 64 samples with the default sampler, 19 with plain
-DDPM), and below the issue's goal of 90% (issue 6): the oracle rejects most of the rest for a shape colour that is not
-flat enough (fewer than 95% of the shape's pixels within 15/255 of a background/shape blend).
+Issue 6's goal: the oracle finds one clean shape in at least 90% of unguided samples. The default sampler (DDPM with
+recurrence and polish) draws 59 and 58 of 64 with seeds 0 and 1; without polish 39 of 64, plain DDPM 19. The oracle
+rejects the rest for a shape colour that is not flat enough (fewer than 95% of the shape's pixels within 15/255 of a
+background/shape blend) or an outline that fits no shape tightly.
 """
 import functools
 import json
@@ -29,25 +30,30 @@ def test_shipped_folder_is_a_small_stock_diffusers_pipeline():
 
 
 @functools.cache
-def _unguided_readings(**options) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
+def _unguided_readings(seed: int = 0, **options) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
     images = DiffusionGenerator(64, 32, 32, generator=generator, scale=0.0, **options).sample(None, 50, generator)
     return [shapes.read(im) for im in images]
 
 
+def _clean(readings: list[dict]) -> int:
+    return sum(r["shape"] is not None for r in readings)
+
+
 def test_unguided_samples_have_palette_backgrounds_and_clean_shapes():
-    readings = _unguided_readings()   # the default sampler: DDPM with recurrence 3 below t = 200
+    readings = _unguided_readings(0) + _unguided_readings(1)   # the default sampler
     backgrounds = [r["background"] for r in readings]
-    assert sum(b is not None for b in backgrounds) >= 0.9 * 64
+    assert sum(b is not None for b in backgrounds) >= 0.9 * 128
     assert len(set(backgrounds) - {None}) >= 6      # the palette's colours, not one mode
-    assert sum(r["shape"] is not None for r in readings) >= 30
+    assert _clean(readings) >= 0.9 * 128
     assert len({r["shape"] for r in readings} - {None}) == 3
 
 
-def test_recurrence_draws_more_clean_shapes_than_the_plain_sampler():
-    plain = sum(r["shape"] is not None for r in _unguided_readings(recurrence=1))
-    recurring = sum(r["shape"] is not None for r in _unguided_readings())
-    assert recurring >= 1.5 * plain
+def test_recurrence_and_polish_each_draw_more_clean_shapes():
+    plain = _clean(_unguided_readings(0, recurrence=1, polish=0))
+    recurring = _clean(_unguided_readings(0, polish=0))
+    polished = _clean(_unguided_readings(0))
+    assert recurring >= 1.5 * plain and polished >= 1.3 * recurring
 
 
 def test_guidance_paints_the_background_the_prompt_asks_for():

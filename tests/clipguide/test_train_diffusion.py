@@ -1,9 +1,10 @@
-"""The shipped diffusion model's training script: its loss weighting and an exact resume after a crash."""
+"""The shipped diffusion model's training script: its loss weighting, an exact resume after a crash (fp32 and bf16),
+and the settings a resume must keep."""
 import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from clipguide import train_diffusion
+from clipguide import ClipguideError, train_diffusion
 from clipguide.train_diffusion import DiffusionTrainConfig, v_loss_weight
 from core_clip.checkpoint import read_state_dict
 
@@ -22,9 +23,10 @@ def test_v_loss_weight_makes_the_v_loss_the_floored_snr_weighted_x0_loss():
     assert v_loss_weight(torch.tensor(0.01), 0.1) == pytest.approx(0.1 * 0.99)
 
 
-def test_a_crashed_run_resumes_exactly(crash_and_resume):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_crashed_run_resumes_exactly(crash_and_resume, precision):
     straight, resumed = crash_and_resume(train_diffusion, DiffusionTrainConfig, 3, steps=4, batch_size=2,
-                                         save_every=2, warmup=1)
+                                         save_every=2, warmup=1, precision=precision)
     for name in ("unet.safetensors", "ema.safetensors"):
         a, b = read_state_dict(straight / name), read_state_dict(resumed / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -32,3 +34,28 @@ def test_a_crashed_run_resumes_exactly(crash_and_resume):
     ema = read_state_dict(resumed / "ema.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_bf16_autocast_changes_the_steps_and_a_resume_keeps_the_precision(tmp_path, capsys):
+    config = dict(steps=2, batch_size=2, save_every=1, warmup=1)
+    runs = {p: train_diffusion.train(DiffusionTrainConfig(out=str(tmp_path / p), precision=p, **config))
+            for p in ("fp32", "bf16")}
+    a, b = (dict(runs[p].named_parameters()) for p in ("fp32", "bf16"))
+    assert all(b[k].dtype == torch.float32 for k in b)     # autocast: the weights stay float32
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ClipguideError, match=r"other settings \(precision='fp32' -> 'bf16'\)"):
+        train_diffusion.train(DiffusionTrainConfig(out=str(tmp_path / "fp32"), precision="bf16", resume=True,
+                                                   **config))
+    # a run saved before the setting existed ran at its default, fp32
+    state = torch.load(tmp_path / "fp32" / "state.pt", weights_only=True)
+    del state["settings"]["precision"]
+    torch.save(state, tmp_path / "fp32" / "state.pt")
+    with pytest.raises(ClipguideError, match="precision='fp32' -> 'bf16'"):
+        train_diffusion.train(DiffusionTrainConfig(out=str(tmp_path / "fp32"), precision="bf16", resume=True,
+                                                   **config))
+    train_diffusion.train(DiffusionTrainConfig(out=str(tmp_path / "fp32"), resume=True, **dict(config, steps=2)))
+
+    capsys.readouterr()
+    assert train_diffusion.main(["--out", str(tmp_path / "x"), "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--precision must be one of fp32, bf16, got 'fp16'" in err
