@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recurrence", type=positive_int,
                    help="diffusion: times each guided or low-noise step is taken (1: off; default 3 with ddpm, ddim)")
     p.add_argument("--candidates", type=positive_int,
-                   help="diffusion: candidates per image, the best by guidance loss kept early (default 4 with ddpm, ddim)")
+                   help="diffusion: candidates per image; the one with the lowest guidance loss goes on after a fifth "
+                        "of the steps (default 4 with ddpm, ddim)")
     p.add_argument("--polish", type=int_at_least(0, "a non-negative integer"),
                    help="diffusion: noisy copies whose x0 estimates are averaged at the end (0: off; default 16)")
     p.add_argument("--model", help="the vqgan or diffusion backend's model: a shipped or public name, or a path")

@@ -24,6 +24,13 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def assert_refused(make, option, values, match):
+    """``make(option=value)`` raises ClipguideError matching ``match`` for every value."""
+    for value in values:
+        with pytest.raises(ClipguideError, match=match):
+            make(**{option: value})
+
+
 class Quadratic:
     """A deterministic stand-in for CLIPGuidance: per-image squared distance to a fixed target image."""
 
@@ -366,12 +373,8 @@ def test_polish_averages_the_models_x0_estimates_of_noisy_copies_of_the_sample(t
 def test_polish_options_are_checked(tiny_diffusion_path):
     make = lambda **o: DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), **o)
     assert (make().polish, make().polish_at) == (16, 0.16)
-    for bad in (-1, 2.5, True):
-        with pytest.raises(ClipguideError, match="polish must be a non-negative integer"):
-            make(polish=bad)
-    for bad in (0, 1, "low"):
-        with pytest.raises(ClipguideError, match=r"polish_at must be a number in \(0, 1\)"):
-            make(polish_at=bad)
+    assert_refused(make, "polish", (-1, 2.5, True), "polish must be a non-negative integer")
+    assert_refused(make, "polish_at", (0, 1, "low"), r"polish_at must be a number in \(0, 1\)")
 
 
 def test_candidates_go_on_with_each_images_lowest_loss_candidate(tiny_diffusion_path):
@@ -415,14 +418,10 @@ def test_candidates_default_to_what_the_sampler_and_the_guidance_allow(tiny_diff
     assert make(scale=0.0).candidates == 1 and make(scheduler="euler").candidates == 1
     with pytest.raises(ClipguideError, match="candidates 2 need a sampler whose step depends only on its timestep"):
         make(scheduler="dpm", candidates=2)
-    with pytest.raises(ClipguideError, match=r"candidates 2 are chosen by the guidance loss, which is off \(scale 0\)"):
+    with pytest.raises(ClipguideError, match=r"chosen by the guidance loss, which is off \(scale 0\)"):
         make(scale=0.0, candidates=2)
-    for bad in (0, 1.5, True):
-        with pytest.raises(ClipguideError, match="candidates must be a positive integer"):
-            make(candidates=bad)
-    for bad in (0, 1, "early"):
-        with pytest.raises(ClipguideError, match=r"select_at must be a number in \(0, 1\)"):
-            make(select_at=bad)
+    assert_refused(make, "candidates", (0, 1.5, True), "candidates must be a positive integer")
+    assert_refused(make, "select_at", (0, 1, "early"), r"select_at must be a number in \(0, 1\)")
     # guidance that starts after the selection cannot choose: asked for, that is an error before any sampling;
     # by default, the images are sampled without candidates
     quadratic = Quadratic(torch.full((1, 3, 16, 16), 0.8))
@@ -443,12 +442,8 @@ def test_recurrence_defaults_to_what_the_sampler_can_do_and_refuses_what_it_cann
     assert make(scheduler="euler").recurrence == 1 and make(scheduler="dpm").recurrence == 1
     with pytest.raises(ClipguideError, match="recurrence 2 needs a sampler whose step depends only on its timestep"):
         make(scheduler="euler", recurrence=2)
-    for bad in (0, 2.5, True):
-        with pytest.raises(ClipguideError, match="recurrence must be a positive integer"):
-            make(recurrence=bad)
-    for bad in (0, 1.5, "half"):
-        with pytest.raises(ClipguideError, match=r"recurrence_below must be a number in \(0, 1\]"):
-            make(recurrence_below=bad)
+    assert_refused(make, "recurrence", (0, 2.5, True), "recurrence must be a positive integer")
+    assert_refused(make, "recurrence_below", (0, 1.5, "half"), r"recurrence_below must be a number in \(0, 1\]")
 
 
 def test_img2img_strength_controls_how_far_from_the_init(perceptor, tiny_diffusion_path):
