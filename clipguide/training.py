@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import torch
 
 from core_clip import shapes
+from core_clip.checkpoint import saved_settings
 
 from .errors import ClipguideError
 
@@ -69,9 +70,7 @@ def load_resume_state(out: Path, cfg: Any, device: str | torch.device = "cpu") -
     if not path.is_file():
         raise ClipguideError(f"nothing to resume in {out}: no state.pt there (run once without --resume)")
     state = torch.load(path, weights_only=True, map_location=device)
-    # a setting added after the run was written counts as its default, which is what the run used
-    saved = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING},
-             **state.get("settings", {})}
+    saved = saved_settings(state.get("settings", {}), cfg)
     changed = [f"{k}={saved[k]!r} -> {v!r}" for k, v in run_settings(cfg).items() if k in saved and saved[k] != v]
     if changed:
         raise ClipguideError(f"{out} was written with other settings ({', '.join(changed)}); resume with the "

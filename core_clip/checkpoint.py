@@ -1,6 +1,7 @@
 """Reading and writing weights safely: safetensors or ``weights_only`` torch files, strict key checks, atomic writes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -125,3 +126,10 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     """Atomically write ``obj`` as indented JSON."""
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def saved_settings(saved: Mapping[str, Any], config: Any) -> dict[str, Any]:
+    """A run's saved settings, with each field of the dataclass ``config`` that the run predates filled in with its
+    default: the value the run was written with, so that adding a setting keeps old runs resumable."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved}

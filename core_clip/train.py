@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .attack import ATTACK_NORMS
-from .checkpoint import atomic_write, load_strict, read_state_dict
+from .checkpoint import atomic_write, load_strict, read_state_dict, saved_settings
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
 from .errors import CheckpointError, CoreClipError
 from .loss import ClipLoss, SigLipLoss
@@ -288,10 +288,8 @@ class Trainer:
         if path is None:
             raise TrainError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
         state = Checkpoints.read_state(path)
-        saved = state["config"]
-        # a setting added after the run was saved counts as its default
-        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-        changed = [k for k in RESUME_INVARIANTS if saved.get(k, defaults.get(k)) != getattr(self.cfg, k)]
+        saved = saved_settings(state["config"], TrainConfig)
+        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != getattr(self.cfg, k)]
         if state["world_size"] != self.dist.world_size:
             changed.append(f"world size ({state['world_size']} -> {self.dist.world_size})")
         if changed:

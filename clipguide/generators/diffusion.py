@@ -160,25 +160,28 @@ def _stateless(scheduler: Any) -> bool:
     return not hasattr(scheduler, "step_index")
 
 
+def _stateless_only(name: str, value: int, scheduler: Any) -> int:
+    """``value`` (a positive integer) of an option that, above 1, needs a :func:`_stateless` scheduler."""
+    if _whole(name, value, 1) > 1 and not _stateless(scheduler):
+        verb = "need" if name.endswith("s") else "needs"   # "candidates 2 need", "recurrence 2 needs"
+        raise ClipguideError(f"{name} {value} {verb} a sampler whose step depends only on its timestep (ddpm, ddim); "
+                             f"{type(scheduler).__name__} keeps state between steps")
+    return value
+
+
 def _recurrence(recurrence: Optional[int], scheduler: Any) -> int:
     """The number of times each recurring step is taken (see :class:`DiffusionGenerator`), checked against the
     scheduler."""
     if recurrence is None:
         return 3 if _stateless(scheduler) else 1
-    if _whole("recurrence", recurrence, 1) > 1 and not _stateless(scheduler):
-        raise ClipguideError(f"recurrence {recurrence} needs a sampler whose step depends only on its timestep "
-                             f"(ddpm, ddim); {type(scheduler).__name__} keeps state between steps")
-    return recurrence
+    return _stateless_only("recurrence", recurrence, scheduler)
 
 
 def _candidates(candidates: Optional[int], scheduler: Any, scale: float) -> int:
     """Candidates per image (see :class:`DiffusionGenerator`), checked against the scheduler and the guidance."""
     if candidates is None:
         return 4 if _stateless(scheduler) and scale > 0 else 1
-    if _whole("candidates", candidates, 1) > 1 and not _stateless(scheduler):
-        raise ClipguideError(f"candidates {candidates} need a sampler whose step depends only on its timestep "
-                             f"(ddpm, ddim); {type(scheduler).__name__} keeps state between steps")
-    if candidates > 1 and scale == 0:
+    if _stateless_only("candidates", candidates, scheduler) > 1 and scale == 0:
         raise ClipguideError(f"candidates {candidates} are chosen by the guidance loss, which is off (scale 0)")
     return candidates
 
@@ -337,10 +340,10 @@ class DiffusionGenerator(nn.Module):
 
     @staticmethod
     def _best_rows(guided: GuidedForward, k: int, rows: int) -> torch.Tensor:
-        """Per image, the row of its candidate with the lowest guidance loss in the last guided call (candidate 0
-        before any), as indices [rows // k]."""
+        """Per image, the row of its candidate (of k) with the lowest guidance loss in the last guided call
+        (candidate 0 before any), as indices [rows // k]."""
         first = torch.arange(0, rows, k)
-        if k == 1 or guided.last_terms is None:
+        if guided.last_terms is None:
             return first
         return first + guided.last_terms["total"].view(-1, k).argmin(dim=1).cpu()
 
@@ -406,7 +409,7 @@ class DiffusionGenerator(nn.Module):
                 x_in = scheduler.scale_model_input(latents, t).to(dtype)
                 out = self._output(guided, x_in, t, kwargs, cfg)
                 latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
-            best = self._best_rows(guided, k, len(latents))
+            best = self._best_rows(guided, k, len(latents)) if k > 1 else slice(None)
             if i == select:   # each image goes on with its best candidate alone
                 latents, generators, k = latents[best], [generators[r] for r in best], 1
                 kwargs = self._unet_kwargs(1, cfg, dtype)
