@@ -38,10 +38,11 @@ SHAPES_DDCONFIG = dict(double_z=False, z_channels=32, resolution=64, in_channels
 @dataclass
 class VQGANTrainConfig:
     out: str
-    steps: int = 4000
+    steps: int = 3300
     batch_size: int = 32
     crop: int = 32
-    full_steps: int = 400
+    codes: int = 1024
+    full_steps: int = 700
     lr: float = 3e-3
     warmup: int = 50
     restart_every: int = 20
@@ -87,7 +88,7 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = VQGAN(VQGANConfig(ddconfig=SHAPES_DDCONFIG, n_embed=256, embed_dim=32))
+    model = VQGAN(VQGANConfig(ddconfig=SHAPES_DDCONFIG, n_embed=cfg.codes, embed_dim=32))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     usage = torch.ones(model.config.n_embed)  # running count of each code's picks (decay 0.99 per step)
     start = 0

@@ -25,9 +25,10 @@ def test_dead_codes_move_onto_batch_latents_and_live_codes_stay():
 
 def test_a_crashed_run_resumes_exactly(crash_and_resume):
     straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 4, steps=6, batch_size=2, save_every=3,
-                                         restart_every=2, warmup=1, eval_images=0, full_steps=2)
+                                         restart_every=2, warmup=1, eval_images=0, full_steps=2, codes=16)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["quantize.embedding.weight"].shape == (16, 32)
 
 
 def test_resume_refuses_changed_settings_and_a_missing_run(tmp_path, capsys):
