@@ -13,6 +13,7 @@ import torch
 
 from core_clip import shapes
 from core_clip.checkpoint import saved_settings
+from core_clip.errors import CoreClipError
 
 from .errors import ClipguideError
 
@@ -80,10 +81,10 @@ def load_resume_state(out: Path, cfg: Any, device: str | torch.device = "cpu") -
 
 def run_script(train: Callable[[Config], Any], config_cls: type[Config], prog: str, description: str,
                argv: Optional[Sequence[str]] = None) -> int:
-    """A training script's ``main``: parse, train; bad settings print one line and exit with 2."""
+    """A training script's ``main``: parse, train; bad settings or unreadable weights print one line and exit with 2."""
     try:
         train(parse_config(config_cls, prog, description, argv))
-    except ClipguideError as e:
+    except CoreClipError as e:  # ClipguideError, and CheckpointError from a weights file
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return 0

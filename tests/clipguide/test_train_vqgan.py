@@ -4,8 +4,9 @@ import torch
 
 from clipguide import train_vqgan
 from clipguide.errors import ClipguideError
-from clipguide.train_vqgan import SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes
+from clipguide.train_vqgan import SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, texture_error
 from clipguide.vqgan_model import VQGAN, VQGANConfig
+from core_clip import CheckpointError
 from core_clip.checkpoint import read_state_dict
 
 
@@ -44,3 +45,27 @@ def test_resume_refuses_changed_settings_and_a_missing_run(tmp_path, capsys):
     assert train_vqgan.main(["--out", str(tmp_path / "none"), "--resume", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nothing to resume" in err and "no state.pt" in err
+
+
+def test_texture_error_is_blind_to_offsets_and_counts_each_step_twice():
+    target = torch.zeros(1, 1, 3, 3)
+    assert texture_error(target + 0.3, target) == 0
+    bump = target.clone()
+    bump[0, 0, 1, 1] = 0.6
+    # the bump makes two of the six horizontal and two of the six vertical differences 0.6 in size
+    torch.testing.assert_close(texture_error(bump, target), torch.tensor(2 * 2 * 0.6 / 6))
+
+
+def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsys):
+    config = dict(steps=1, batch_size=2, warmup=1, eval_images=0, codes=16, restart_every=100)
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "a"), **config))
+    saved = tmp_path / "a" / "vqgan.safetensors"
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "b"), init=str(saved), **dict(config, lr=0.0)))
+    a, b = read_state_dict(saved), read_state_dict(tmp_path / "b" / "vqgan.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)     # lr 0: the run kept its starting weights
+    with pytest.raises(CheckpointError, match="quantize.embedding.weight"):
+        train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "c"), init=str(saved), **dict(config, codes=32)))
+    capsys.readouterr()
+    assert train_vqgan.main(["--out", str(tmp_path / "d"), "--init", str(tmp_path / "none.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint not found" in err
