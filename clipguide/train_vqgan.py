@@ -103,8 +103,6 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = VQGAN(VQGANConfig(ddconfig=SHAPES_DDCONFIG, n_embed=cfg.codes, embed_dim=32))
-    if cfg.init:
-        load_strict(model, read_state_dict(cfg.init), cfg.init)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     usage = torch.ones(model.config.n_embed)  # running count of each code's picks (decay 0.99 per step)
     start = 0
@@ -113,6 +111,8 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         load_strict(model, read_state_dict(out / "vqgan.safetensors"), str(out))
         optimizer.load_state_dict(state["optimizer"])
         usage, start = state["usage"], state["step"]
+    elif cfg.init:  # a resumed run has its own weights
+        load_strict(model, read_state_dict(cfg.init), cfg.init)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vqgan")
     for step in bar:
         set_warmup_cosine_lr(optimizer, step, cfg.steps, cfg.warmup, cfg.lr)
