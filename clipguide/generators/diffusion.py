@@ -186,6 +186,26 @@ def _candidates(candidates: Optional[int], scheduler: Any, scale: float) -> int:
     return candidates
 
 
+def _x0_images(guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any, decode) -> torch.Tensor:
+    """The x0 estimates of model output ``out`` at input ``x_t`` [B, C, h, w], decoded to images [B, 3, H, W] in
+    [0, 1]."""
+    a = alpha_bar(guided.alphas_cumprod, t, len(out)).to(out.device)
+    return decode(predict_x0(out.float(), x_t.float(), a, guided.prediction_type)).clamp(0, 1)
+
+
+def _screen(screen: Optional[int], candidates: int, scheduler: Any, scale: float) -> int:
+    """Candidates screened unguided per image (see :class:`DiffusionGenerator`), checked against the candidates
+    kept, the scheduler and the guidance."""
+    if screen is None:
+        return 4 * candidates if candidates > 1 else 1
+    if _stateless_only("screen", screen, scheduler) > 1:
+        if scale == 0:
+            raise ClipguideError(f"screen {screen} is chosen by the guidance loss, which is off (scale 0)")
+        if screen < candidates:
+            raise ClipguideError(f"screen {screen} must be at least candidates {candidates} (or 1: no screening)")
+    return screen
+
+
 @GENERATORS.register("diffusion")
 class DiffusionGenerator(nn.Module):
     """Guided sampling from a diffusion model.
@@ -220,6 +240,14 @@ class DiffusionGenerator(nn.Module):
             time. None: 4 for samplers whose step depends only on its timestep (ddpm, ddim) when guidance is on and
             starts by ``select_at``, else 1.
         select_at: the fraction (0, 1) of the steps after which each image keeps its best candidate.
+        screen: each image starts as this many candidates, sampled unguided (UNet forward passes only) until
+            ``screen_at`` of the steps; then the ``candidates`` whose x0 estimates have the lowest guidance loss (no
+            gradient) go on, guided. By then the model has committed to a background that a small CLIP reads
+            reliably (30 of 32 unguided samples at a tenth of 50 DDPM steps), and a wide pool finds the colours that
+            the model draws rarely (black backgrounds: 7% of unguided samples). 1 turns it off. None: 4 x
+            ``candidates`` when candidates are chosen, else 1. Screening is skipped when no step comes before the
+            selection step.
+        screen_at: the fraction (0, 1) of the steps after which the screened candidates are cut to ``candidates``.
         polish: after the last step, the sample is noised ``polish`` times (independent draws) to the timestep at
             ``polish_at`` of the schedule, and the model's x0 estimates of those noisy copies are averaged: a
             Monte-Carlo estimate of E[x0 | x_t], one score-distillation step of size sqrt((1 - a) / a). It pulls what
@@ -240,7 +268,8 @@ class DiffusionGenerator(nn.Module):
                  init: Optional[torch.Tensor] = None, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes",
                  scheduler: Optional[str] = "ddpm", strength: float = 0.7, eta: float = 0.0,
                  recurrence: Optional[int] = None, recurrence_below: float = 0.2, candidates: Optional[int] = None,
-                 select_at: float = 0.2, polish: int = 16, polish_at: float = 0.16, **guidance):
+                 select_at: float = 0.2, screen: Optional[int] = None, screen_at: float = 0.1, polish: int = 16,
+                 polish_at: float = 0.16, **guidance):
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
@@ -267,6 +296,8 @@ class DiffusionGenerator(nn.Module):
         self.candidates = _candidates(candidates, self.model.scheduler, self.config.scale)
         self._candidates_default = candidates is None
         self.select_at = _fraction("select_at", select_at, one_included=False)
+        self.screen = _screen(screen, self.candidates, self.model.scheduler, self.config.scale)
+        self.screen_at = _fraction("screen_at", screen_at, one_included=False)
         self.polish = _whole("polish", polish, 0)
         self.polish_at = _fraction("polish_at", polish_at, one_included=False)
         self.seed = generator.initial_seed()
@@ -338,6 +369,17 @@ class DiffusionGenerator(nn.Module):
                              f"{self.select_at}, but no step up to there is guided (guidance start "
                              f"{self.config.start})")
 
+    def _screening_step(self, select: Optional[int], timesteps: torch.Tensor) -> Optional[int]:
+        """Index of the step after which the screened candidates are cut to ``candidates`` (None: no screening).
+        It comes before the selection step; a default screen goes with the candidates, and so goes quietly when
+        they do."""
+        if self.screen <= self.candidates or (select is None and self.candidates > 1):
+            return None
+        step = min(int(self.screen_at * len(timesteps)), len(timesteps) - 1)
+        if select is not None:
+            step = min(step, select - 1)
+        return step if step >= 0 else None
+
     @staticmethod
     def _best_rows(guided: GuidedForward, k: int, rows: int) -> torch.Tensor:
         """Per image, the row of its candidate (of k) with the lowest guidance loss in the last guided call
@@ -346,6 +388,16 @@ class DiffusionGenerator(nn.Module):
         if guided.last_terms is None:
             return first
         return first + guided.last_terms["total"].view(-1, k).argmin(dim=1).cpu()
+
+    @staticmethod
+    @torch.no_grad()
+    def _screened_rows(guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any, decode, k: int,
+                       n: int) -> torch.Tensor:
+        """Per image, the rows of its ``n`` candidates (of ``k``) whose x0 estimates have the lowest guidance loss,
+        best first, as indices [rows // k * n]."""
+        loss = guided.guidance.per_image(_x0_images(guided, out, x_t, t, decode))["total"].view(-1, k)
+        first = torch.arange(0, len(out), k)[:, None]
+        return (first + loss.topk(n, dim=1, largest=False).indices.cpu()).flatten()
 
     def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
                callback: Optional[StepCallback] = None) -> torch.Tensor:
@@ -379,6 +431,9 @@ class DiffusionGenerator(nn.Module):
                 scheduler.set_begin_index(skip * order)
         select = self._selection_step(guided, timesteps)
         k = 1 if select is None else self.candidates
+        screen_step = self._screening_step(select, timesteps)
+        if screen_step is not None:
+            k = self.screen
         generators = self._generators(k)
         sample_shape = self.shape[1:]
         noise = self._noise(generators, sample_shape)
@@ -398,7 +453,9 @@ class DiffusionGenerator(nn.Module):
         recur_below = self.recurrence_below * scheduler.config.num_train_timesteps
         done = 0
         for i, t in enumerate(timesteps):
-            recurs = i + 1 < len(timesteps) and (t < recur_below or guided.guided_at(t))
+            screening = screen_step is not None and i <= screen_step
+            forward = m.unet if screening else guided
+            recurs = i + 1 < len(timesteps) and (t < recur_below or (not screening and guided.guided_at(t)))
             repeats = self.recurrence if recurs else 1
             if repeats > 1:
                 a_t, a_next = (alpha_bar(scheduler.alphas_cumprod, s, len(latents)).to(self.device)
@@ -407,8 +464,14 @@ class DiffusionGenerator(nn.Module):
                 if r:
                     latents = renoise(latents, a_t, a_next, self._noise(generators, sample_shape))
                 x_in = scheduler.scale_model_input(latents, t).to(dtype)
-                out = self._output(guided, x_in, t, kwargs, cfg)
+                out = self._output(forward, x_in, t, kwargs, cfg)
                 latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+            if i == screen_step:
+                keep = self._screened_rows(guided, out, x_in, t, decode, k, self.candidates)
+                latents, generators, k = latents[keep], [generators[r] for r in keep], self.candidates
+                kwargs = self._unet_kwargs(k, cfg, dtype)
+                if "generator" in step_kwargs:
+                    step_kwargs["generator"] = generators
             best = self._best_rows(guided, k, len(latents)) if k > 1 else slice(None)
             if i == select:   # each image goes on with its best candidate alone
                 latents, generators, k = latents[best], [generators[r] for r in best], 1
@@ -450,8 +513,7 @@ class DiffusionGenerator(nn.Module):
     def _preview(self, guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any,
                  decode) -> tuple[torch.Tensor, dict]:
         """The corrected output's x0 decoded [B, 3, H, W], and the guidance losses of this step (NaN when unguided)."""
-        a = alpha_bar(guided.alphas_cumprod, t, len(out)).to(out.device)
-        images = decode(predict_x0(out.float(), x_t.float(), a, guided.prediction_type)).clamp(0, 1)
+        images = _x0_images(guided, out, x_t, t, decode)
         if guided.guided_at(t) and guided.last_terms is not None:
             return images, guided.guidance.summary(guided.last_terms)
         return images, {"total": float("nan")}

@@ -93,7 +93,7 @@ def test_alpha_bar_reads_the_table_and_interpolates_in_sigma():
 
 def guided_call(through_unet, target, x, t=400, scale=1.0, prediction="epsilon", decode=decoder_for(None)):
     unet, scheduler = tiny_unet(prediction)
-    config = DiffusionGuidanceConfig(scale=scale, grad_clamp=None, through_unet=through_unet)
+    config = DiffusionGuidanceConfig(scale=scale, grad_clamp=None, x0_clamp=None, through_unet=through_unet)
     wrapper = GuidedForward(unet.forward, scheduler, Quadratic(target), decode, config)
     with torch.no_grad():
         plain = unet(x, t).sample
@@ -139,7 +139,7 @@ def test_cheap_gradient_holds_the_output_fixed():
 def test_grad_clamp_bounds_the_rms_of_the_step():
     x = torch.rand(2, 3, 16, 16, generator=gen(1))
     unet, scheduler = tiny_unet()
-    config = DiffusionGuidanceConfig(scale=1e6, grad_clamp=0.01)
+    config = DiffusionGuidanceConfig(scale=1e6, grad_clamp=0.01, x0_clamp=None)
     wrapper = GuidedForward(unet.forward, scheduler, Quadratic(torch.zeros(1, 3, 16, 16)), decoder_for(None), config)
     with torch.no_grad():
         delta = wrapper(x, 500).sample - unet(x, 500).sample
@@ -148,10 +148,39 @@ def test_grad_clamp_bounds_the_rms_of_the_step():
     torch.testing.assert_close(g.pow(2).mean(dim=(1, 2, 3)).sqrt(), torch.full((2,), 0.01))
 
 
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_x0_clamp_bounds_the_rms_of_the_x0_move_and_leaves_small_moves_alone(prediction):
+    x = torch.rand(2, 3, 16, 16, generator=gen(1))
+    unet, scheduler = tiny_unet(prediction)
+    quadratic = Quadratic(torch.zeros(1, 3, 16, 16))
+
+    def x0_move(scale, t, x0_clamp):
+        config = DiffusionGuidanceConfig(scale=scale, x0_clamp=x0_clamp)
+        wrapper = GuidedForward(unet.forward, scheduler, quadratic, decoder_for(None), config)
+        with torch.no_grad():
+            plain = unet(x, t).sample
+            a = alpha_bar(scheduler.alphas_cumprod, t, 2)
+            return predict_x0(wrapper(x, t).sample, x, a, prediction) - predict_x0(plain, x, a, prediction)
+
+    rms = lambda d: d.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(rms(x0_move(1e4, 980, 0.05)), torch.full((2,), 0.05))
+    free = x0_move(1e4, 980, None)
+    assert (rms(free) > 1).all()   # unclamped, the noisiest step moves x0 far: the case the clamp is for
+    clamped = x0_move(1e4, 980, 0.05)
+    cosine = torch.nn.functional.cosine_similarity(clamped.flatten(1), free.flatten(1))
+    assert (cosine > 0.9999).all()   # the same direction, shorter
+    small = x0_move(1e-3, 100, None)
+    assert (rms(small) < 0.05).all()
+    torch.testing.assert_close(x0_move(1e-3, 100, 0.05), small)
+    for value in (0, -1.0):
+        with pytest.raises(ClipguideError, match="x0_clamp must be positive or None"):
+            DiffusionGuidanceConfig(x0_clamp=value)
+
+
 def test_classifier_free_guidance_gets_the_same_correction_on_both_halves():
     unet, scheduler = tiny_unet()
     target = torch.rand(1, 3, 16, 16, generator=gen(2))
-    config = DiffusionGuidanceConfig(scale=10.0, grad_clamp=None)
+    config = DiffusionGuidanceConfig(scale=10.0, grad_clamp=None, x0_clamp=None)
     w = 3.0
     wrapper = GuidedForward(unet.forward, scheduler, Quadratic(target), decoder_for(None), config, lambda: w)
     latents = torch.rand(1, 3, 16, 16, generator=gen(1))
@@ -327,7 +356,7 @@ def test_recurrence_retakes_the_low_noise_steps_and_keeps_per_image_seeds(percep
     # guided steps recur too: here the first half of the trajectory, where guidance is on (end 0.5)
     calls.clear()
     sampler = DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scale=100.0, end=0.5, recurrence=3,
-                                 recurrence_below=below, polish=0)
+                                 recurrence_below=below, polish=0, screen=1)   # screened steps are unguided
     sampler.sample(CLIPGuidance("a red circle", perceptor=perceptor, cutn=2), steps, gen())
     guided = [t for t in timesteps if 1 - t / 999 <= 0.5]
     assert guided and not set(guided) & set(low)
@@ -381,7 +410,7 @@ def test_candidates_go_on_with_each_images_lowest_loss_candidate(tiny_diffusion_
     model = load_diffusion(str(tiny_diffusion_path))
     target = torch.full((1, 3, 16, 16), 0.8)
     steps, select = 6, 3   # select_at 0.5 of 6 steps: candidates are compared after step index 3
-    options = dict(model=model, scale=50.0, select_at=0.5, polish=0, recurrence=1)
+    options = dict(model=model, scale=50.0, select_at=0.5, polish=0, recurrence=1, screen=1)
 
     def sample(batch, seed, candidates):
         rows, previews, losses = [], [], {}
@@ -410,6 +439,54 @@ def test_candidates_go_on_with_each_images_lowest_loss_candidate(tiny_diffusion_
     pair = sample(2, 5, 3)[0]
     torch.testing.assert_close(pair[:1], image, **close)
     torch.testing.assert_close(pair[1:], sample(1, 6, 3)[0], **close)
+
+
+def test_screening_keeps_each_images_lowest_loss_candidates_best_first():
+    unet, scheduler = tiny_unet("sample")   # x0 is the output itself
+    guided = GuidedForward(unet.forward, scheduler, Quadratic(torch.zeros(1, 3, 4, 4)), decoder_for(None),
+                           DiffusionGuidanceConfig())
+    values = torch.tensor([0.5, -0.9, 0.1, -0.5, -0.2, 0.9, -1.0, 0.0])   # images (v + 1) / 2: losses rank as below
+    out = values.view(8, 1, 1, 1).expand(8, 3, 4, 4)
+    rows = DiffusionGenerator._screened_rows(guided, out, torch.zeros_like(out), 500, decoder_for(None), 4, 2)
+    assert rows.tolist() == [1, 3, 6, 4]
+
+
+def test_screening_samples_unguided_then_goes_on_with_the_kept_candidates(tiny_diffusion_path):
+    model = load_diffusion(str(tiny_diffusion_path))
+    target = torch.full((1, 3, 16, 16), 0.8)
+    options = dict(model=model, scale=50.0, candidates=2, screen=6, screen_at=0.2, select_at=0.5, polish=0,
+                   recurrence=1)
+    calls = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, *a, **k: calls.append((len(x), x.requires_grad)) or forward(x, t, *a, **k)
+    try:
+        sample = lambda batch, seed: DiffusionGenerator(batch, 16, 16, generator=gen(seed), **options).sample(
+            Quadratic(target), 10, gen(seed))
+        image = sample(1, 5)
+        # screened after step index 2 (0.2 of 10), candidates compared after step index 5
+        assert calls == [(6, False)] * 3 + [(2, True)] * 3 + [(1, True)] * 4
+        torch.testing.assert_close(sample(1, 5), image, atol=0, rtol=0)
+        pair = sample(2, 5)
+    finally:
+        model.unet.forward = forward
+    close = dict(atol=1e-3, rtol=0)   # batches of different sizes round differently inside the UNet
+    torch.testing.assert_close(pair[:1], image, **close)
+    torch.testing.assert_close(pair[1:], sample(1, 6), **close)
+
+
+def test_screening_defaults_to_four_per_kept_candidate_and_is_checked(tiny_diffusion_path):
+    make = lambda **o: DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), **o)
+    assert make().screen == 16 and make(candidates=2).screen == 8 and make(candidates=1).screen == 1
+    assert make(scale=0.0).screen == 1 and make(scheduler="euler").screen == 1
+    assert make(candidates=1, screen=8).screen == 8   # screening alone: keep the best one
+    with pytest.raises(ClipguideError, match="screen 8 needs a sampler whose step depends only on its timestep"):
+        make(scheduler="dpm", screen=8)
+    with pytest.raises(ClipguideError, match=r"screen 4 is chosen by the guidance loss, which is off \(scale 0\)"):
+        make(scale=0.0, screen=4)
+    with pytest.raises(ClipguideError, match=r"screen 2 must be at least candidates 4 \(or 1: no screening\)"):
+        make(screen=2)
+    assert_refused(make, "screen", (0, 2.5, True), "screen must be a positive integer")
+    assert_refused(make, "screen_at", (0, 1, "soon"), r"screen_at must be a number in \(0, 1\)")
 
 
 def test_candidates_default_to_what_the_sampler_and_the_guidance_allow(tiny_diffusion_path):
