@@ -380,6 +380,15 @@ class DiffusionGenerator(nn.Module):
             step = min(step, select - 1)
         return step if step >= 0 else None
 
+    def _keep(self, rows: torch.Tensor, generators: list[torch.Generator], k: int, cfg: bool, dtype: torch.dtype,
+              step_kwargs: dict) -> tuple[list[torch.Generator], dict]:
+        """The generators of ``rows`` and the UNet inputs for k rows per image; the scheduler's step draws from those
+        generators from now on (``step_kwargs`` is updated in place)."""
+        generators = [generators[r] for r in rows]
+        if "generator" in step_kwargs:
+            step_kwargs["generator"] = generators
+        return generators, self._unet_kwargs(k, cfg, dtype)
+
     @staticmethod
     def _best_rows(guided: GuidedForward, k: int, rows: int) -> torch.Tensor:
         """Per image, the row of its candidate (of k) with the lowest guidance loss in the last guided call
@@ -466,18 +475,14 @@ class DiffusionGenerator(nn.Module):
                 x_in = scheduler.scale_model_input(latents, t).to(dtype)
                 out = self._output(forward, x_in, t, kwargs, cfg)
                 latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
-            if i == screen_step:
+            if i == screen_step:   # the preview below reads out and x_in, so they are cut too
                 keep = self._screened_rows(guided, out, x_in, t, decode, k, self.candidates)
-                latents, generators, k = latents[keep], [generators[r] for r in keep], self.candidates
-                kwargs = self._unet_kwargs(k, cfg, dtype)
-                if "generator" in step_kwargs:
-                    step_kwargs["generator"] = generators
+                latents, out, x_in, k = latents[keep], out[keep], x_in[keep], self.candidates
+                generators, kwargs = self._keep(keep, generators, k, cfg, dtype, step_kwargs)
             best = self._best_rows(guided, k, len(latents)) if k > 1 else slice(None)
             if i == select:   # each image goes on with its best candidate alone
-                latents, generators, k = latents[best], [generators[r] for r in best], 1
-                kwargs = self._unet_kwargs(1, cfg, dtype)
-                if "generator" in step_kwargs:
-                    step_kwargs["generator"] = generators
+                latents, k = latents[best], 1
+                generators, kwargs = self._keep(best, generators, k, cfg, dtype, step_kwargs)
             if callback is not None:
                 images, losses = self._preview(guided, out[best], x_in[best], t, decode)
             # second-order schedulers (Heun, KDPM2) call the model twice per step: report completed steps only

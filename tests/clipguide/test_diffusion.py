@@ -456,22 +456,29 @@ def test_screening_samples_unguided_then_goes_on_with_the_kept_candidates(tiny_d
     target = torch.full((1, 3, 16, 16), 0.8)
     options = dict(model=model, scale=50.0, candidates=2, screen=6, screen_at=0.2, select_at=0.5, polish=0,
                    recurrence=1)
-    calls = []
+    calls, previews = [], []
     forward = model.unet.forward
     model.unet.forward = lambda x, t, *a, **k: calls.append((len(x), x.requires_grad)) or forward(x, t, *a, **k)
     try:
         sample = lambda batch, seed: DiffusionGenerator(batch, 16, 16, generator=gen(seed), **options).sample(
-            Quadratic(target), 10, gen(seed))
+            Quadratic(target), 10, gen(seed), callback=lambda step, losses, images: previews.append(images))
         image = sample(1, 5)
         # screened after step index 2 (0.2 of 10), candidates compared after step index 5
         assert calls == [(6, False)] * 3 + [(2, True)] * 3 + [(1, True)] * 4
         torch.testing.assert_close(sample(1, 5), image, atol=0, rtol=0)
+        previews.clear()
         pair = sample(2, 5)
     finally:
         model.unet.forward = forward
     close = dict(atol=1e-3, rtol=0)   # batches of different sizes round differently inside the UNet
     torch.testing.assert_close(pair[:1], image, **close)
+    pair_previews = previews[:]
+    previews.clear()
     torch.testing.assert_close(pair[1:], sample(1, 6), **close)
+    # every step's preview of image 1 is its own candidate's, the screening step's included
+    assert len(pair_previews) == len(previews) == 10
+    for both, alone in zip(pair_previews, previews):
+        torch.testing.assert_close(both[1:], alone, **close)
 
 
 def test_screening_defaults_to_four_per_kept_candidate_and_is_checked(tiny_diffusion_path):
