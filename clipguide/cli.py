@@ -40,7 +40,8 @@ def cmd_generate(args) -> None:
     from .guide import guide
 
     out = Path(args.out)
-    names = ("lr", "scale", "scheduler", "recurrence", "candidates", "screen", "polish", "model")
+    names = ("lr", "scale", "scheduler", "recurrence", "candidates", "finalists", "screen", "polish",
+             "model")
     backend_options = {k: v for k in names if (v := getattr(args, k)) is not None}
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
@@ -115,11 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recurrence", type=positive_int,
                    help="diffusion: times each guided or low-noise step is taken (1: off; default 3 with ddpm, ddim)")
     p.add_argument("--candidates", type=positive_int,
-                   help="diffusion: candidates per image; the one with the lowest guidance loss goes on after a fifth "
-                        "of the steps (default 4 with ddpm, ddim)")
+                   help="diffusion: candidates per image; the --finalists with the lowest guidance loss go on after a "
+                        "fifth of the steps (default 4 with ddpm, ddim)")
+    p.add_argument("--finalists", type=positive_int,
+                   help="diffusion: the best candidates per image that go on to the end, where the one whose picture "
+                        "has the lowest guidance loss is kept (default 2 when there are candidates)")
     p.add_argument("--screen", type=positive_int,
                    help="diffusion: candidates per image drawn unguided for a tenth of the steps, of which the "
-                        "--candidates with the lowest guidance loss go on (1: off; default 4 x --candidates)")
+                        "--candidates with the lowest guidance loss go on (1: off; default 12 x --candidates)")
     p.add_argument("--polish", type=int_at_least(0, "a non-negative integer"),
                    help="diffusion: noisy copies whose x0 estimates are averaged at the end (0: off; default 16)")
     p.add_argument("--model", help="the vqgan or diffusion backend's model: a shipped or public name, or a path")

@@ -54,7 +54,9 @@ class DiffusionGuidanceConfig:
             steps (still 1-60 a fifth of the way in) and jumped between palette colours from one step to the
             next. 1 bounds those jumps and leaves the later steps (moves well below 1) alone.
         start, end: guide only while the sampling progress 1 - t / (T - 1) lies in [start, end] (0 = pure noise,
-            1 = clean), e.g. start=0.2 leaves the first fifth of the noise levels alone.
+            1 = clean), e.g. start=0.2 leaves the first fifth of the noise levels alone. By 0.6 (the default end)
+            the layout and colours are settled: a guided call there moves x0 by an RMS of about 0.005 on the shipped
+            model, and guiding the last 40% of 50 DDPM steps cost 4.7 s of 14 per picture on a 2-core CPU.
         through_unet: back-propagate through the UNet (the exact gradient of the loss of x0(x_t)); False treats the
             model output as constant (dx0/dx_t = 1/sqrt(a)), which costs no UNet backward pass.
         checkpointing: gradient checkpointing in the UNet and the VAE while guided (less memory, more compute).
@@ -64,7 +66,7 @@ class DiffusionGuidanceConfig:
     grad_clamp: Optional[float] = None
     x0_clamp: Optional[float] = 1.0
     start: float = 0.0
-    end: float = 1.0
+    end: float = 0.6
     through_unet: bool = True
     checkpointing: bool = False
 

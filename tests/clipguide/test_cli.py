@@ -68,6 +68,8 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--backend", "diffusion", "--polish", "-1"], "--polish"),
     (["--backend", "diffusion", "--candidates", "0"], "--candidates"),
     (["--backend", "diffusion", "--screen", "0"], "--screen"),
+    (["--backend", "diffusion", "--finalists", "0"], "--finalists"),
+    (["--backend", "diffusion", "--candidates", "2", "--finalists", "3"], "finalists 3 must be at most candidates 2"),
     (["--backend", "diffusion", "--candidates", "4", "--screen", "2"], "screen 2 must be at least candidates 4"),
     (["--backend", "diffusion", "--scheduler", "dpm", "--candidates", "2"], "candidates 2 need a sampler"),
     (["--polish", "4"], "backend 'pixels' has no option 'polish'"),

@@ -93,7 +93,8 @@ def test_alpha_bar_reads_the_table_and_interpolates_in_sigma():
 
 def guided_call(through_unet, target, x, t=400, scale=1.0, prediction="epsilon", decode=decoder_for(None)):
     unet, scheduler = tiny_unet(prediction)
-    config = DiffusionGuidanceConfig(scale=scale, grad_clamp=None, x0_clamp=None, through_unet=through_unet)
+    config = DiffusionGuidanceConfig(scale=scale, grad_clamp=None, x0_clamp=None, through_unet=through_unet,
+                                     end=1.0)   # every timestep guided
     wrapper = GuidedForward(unet.forward, scheduler, Quadratic(target), decode, config)
     with torch.no_grad():
         plain = unet(x, t).sample
@@ -316,7 +317,7 @@ def run(perceptor, path, **options):
 @pytest.mark.parametrize("scheduler", SCHEDULERS.names())
 def test_every_scheduler_runs_guided(perceptor, tiny_diffusion_path, scheduler):
     plain = run(perceptor, tiny_diffusion_path, scheduler=scheduler, scale=0.0)
-    steered = run(perceptor, tiny_diffusion_path, scheduler=scheduler, scale=500.0, grad_clamp=None)
+    steered = run(perceptor, tiny_diffusion_path, scheduler=scheduler, scale=500.0, grad_clamp=None, end=1.0)
     assert steered.tensor.shape == (1, 3, 16, 16) and torch.isfinite(steered.tensor).all()
     assert not torch.equal(plain.tensor, steered.tensor)
     assert len(steered.losses) == 4 and all(math.isfinite(l["total"]) for l in steered.losses)
@@ -410,7 +411,7 @@ def test_candidates_go_on_with_each_images_lowest_loss_candidate(tiny_diffusion_
     model = load_diffusion(str(tiny_diffusion_path))
     target = torch.full((1, 3, 16, 16), 0.8)
     steps, select = 6, 3   # select_at 0.5 of 6 steps: candidates are compared after step index 3
-    options = dict(model=model, scale=50.0, select_at=0.5, polish=0, recurrence=1, screen=1)
+    options = dict(model=model, scale=50.0, end=1.0, select_at=0.5, polish=0, recurrence=1, screen=1, finalists=1)
 
     def sample(batch, seed, candidates):
         rows, previews, losses = [], [], {}
@@ -441,6 +442,52 @@ def test_candidates_go_on_with_each_images_lowest_loss_candidate(tiny_diffusion_
     torch.testing.assert_close(pair[1:], sample(1, 6, 3)[0], **close)
 
 
+class Recording(Quadratic):
+    """Quadratic that keeps the images of its last call."""
+
+    def per_image(self, images):
+        self.last = images.clone()
+        return super().per_image(images)
+
+
+def test_finalists_go_on_to_the_end_and_the_one_whose_picture_has_the_lowest_loss_is_returned(tiny_diffusion_path):
+    model = load_diffusion(str(tiny_diffusion_path))
+    steps, select = 6, 3
+    options = dict(model=model, scale=50.0, end=1.0, select_at=0.5, polish=0, recurrence=1, screen=1, candidates=3)
+    rows = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, *a, **k: rows.append(len(x)) or forward(x, t, *a, **k)
+    try:
+        pictures = {}
+        for finalists in (1, 2, 3):
+            guidance = Recording(torch.full((1, 3, 16, 16), 0.8))
+            image = DiffusionGenerator(1, 16, 16, generator=gen(5), finalists=finalists, **options).sample(
+                guidance, steps, gen(5))
+            pictures[finalists] = image, guidance.last
+    finally:
+        model.unet.forward = forward
+    # 3 candidates until the selection, then the finalists side by side to the end (for finalists 1, 2, 3)
+    assert rows == sum(([3] * (select + 1) + [n] * (steps - select - 1) for n in (1, 2, 3)), [])
+    image, finals = pictures[3]   # the last call judged all three finished pictures
+    assert finals.shape == (3, 3, 16, 16)
+    losses = (finals - 0.8).pow(2).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(image, finals[losses.argmin()][None], atol=0, rtol=0)
+    # finalist 0 is the candidate that finalists=1 keeps (best first at the selection); here the end judges otherwise
+    close = dict(atol=1e-3, rtol=0)   # batches of different sizes round differently inside the UNet
+    torch.testing.assert_close(finals[:1], pictures[1][0], **close)
+    assert losses.argmin() != 0
+    torch.testing.assert_close(pictures[2][1], finals[:2], **close)   # the two best at the selection, in order
+
+
+def test_finalists_default_to_two_and_are_checked(tiny_diffusion_path):
+    make = lambda **o: DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), **o)
+    assert make().finalists == 2 and make(candidates=1).finalists == 1 and make(scale=0.0).finalists == 1
+    assert make(candidates=3, finalists=3).finalists == 3
+    with pytest.raises(ClipguideError, match="finalists 5 must be at most candidates 4"):
+        make(finalists=5)
+    assert_refused(make, "finalists", (0, 1.5, True), "finalists must be a positive integer")
+
+
 def test_screening_keeps_each_images_lowest_loss_candidates_best_first():
     unet, scheduler = tiny_unet("sample")   # x0 is the output itself
     guided = GuidedForward(unet.forward, scheduler, Quadratic(torch.zeros(1, 3, 4, 4)), decoder_for(None),
@@ -454,8 +501,8 @@ def test_screening_keeps_each_images_lowest_loss_candidates_best_first():
 def test_screening_samples_unguided_then_goes_on_with_the_kept_candidates(tiny_diffusion_path):
     model = load_diffusion(str(tiny_diffusion_path))
     target = torch.full((1, 3, 16, 16), 0.8)
-    options = dict(model=model, scale=50.0, candidates=2, screen=6, screen_at=0.2, select_at=0.5, polish=0,
-                   recurrence=1)
+    options = dict(model=model, scale=50.0, end=1.0, candidates=2, screen=6, screen_at=0.2, select_at=0.5,
+                   finalists=1, polish=0, recurrence=1)
     calls, previews = [], []
     forward = model.unet.forward
     model.unet.forward = lambda x, t, *a, **k: calls.append((len(x), x.requires_grad)) or forward(x, t, *a, **k)
@@ -481,9 +528,9 @@ def test_screening_samples_unguided_then_goes_on_with_the_kept_candidates(tiny_d
         torch.testing.assert_close(both[1:], alone, **close)
 
 
-def test_screening_defaults_to_four_per_kept_candidate_and_is_checked(tiny_diffusion_path):
+def test_screening_defaults_to_twelve_per_kept_candidate_and_is_checked(tiny_diffusion_path):
     make = lambda **o: DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), **o)
-    assert make().screen == 16 and make(candidates=2).screen == 8 and make(candidates=1).screen == 1
+    assert make().screen == 48 and make(candidates=2).screen == 24 and make(candidates=1).screen == 1
     assert make(scale=0.0).screen == 1 and make(scheduler="euler").screen == 1
     assert make(candidates=1, screen=8).screen == 8   # screening alone: keep the best one
     with pytest.raises(ClipguideError, match="screen 8 needs a sampler whose step depends only on its timestep"):
