@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +50,8 @@ def cmd_generate(args) -> None:
                    progress=not args.json, device=args.device, compile=args.compile,
                    **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts)) if v},
                    backend_options=backend_options)
+    # the last guided step's loss: diffusion leaves its last steps (and everything, at scale 0) unguided
+    guided = [losses["total"] for losses in result.losses if math.isfinite(losses["total"])]
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                                    for i in range(len(result.images))]
@@ -57,7 +60,7 @@ def cmd_generate(args) -> None:
     emit({"out": str(paths[0]), "outs": [str(p) for p in paths], "clip_score": round(result.clip_score[0], 4),
           "clip_scores": [round(s, 4) for s in result.clip_score], "seconds": round(result.seconds, 3),
           "steps": result.steps, "backend": args.backend, "seed": args.seed, "clip": args.clip,
-          "loss": round(result.losses[-1]["total"], 6)},
+          "loss": round(guided[-1], 6) if guided else None},
          args.json,
          [f"{p}  clip_score {s:.2f}" for p, s in zip(paths, result.clip_score)]
          + [f"{result.steps} steps in {result.seconds:.1f} s ({args.backend}, seed {args.seed})"])

@@ -28,6 +28,15 @@ def test_generate_json_contract(capsys, tmp_path):
     assert Image.open(out_path).size == (48, 32)
 
 
+def test_generate_json_reports_the_last_guided_loss_of_diffusion(capsys, tmp_path, tiny_diffusion_path):
+    # 3 DDPM steps at t = 666, 333, 0: guidance (to 0.6 of the way) steers only the first; NaN is not JSON
+    code, out, err = generate(capsys, "a red circle", "--backend", "diffusion", "--model", str(tiny_diffusion_path),
+                              "--steps", "3", "--size", "16", "--cutn", "2", "--out", str(tmp_path / "x.png"), "--json")
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1], parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert report["steps"] == 3 and isinstance(report["loss"], float) and report["loss"] > 0
+
+
 def test_generate_loss_and_cutouts_flags(capsys, tmp_path):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--cutn", "2", "--loss", "cosine",
                               "--cutouts", "disco", "--out", str(tmp_path / "x.png"), "--json")
