@@ -36,11 +36,12 @@ from guide_step import _peak_mib, _sync, parse_args  # noqa: E402  (same folder)
 def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, steps: int, device: torch.device,
                   compile: bool = False, **options) -> tuple[float, float]:
     """ms per step and peak MiB of a ``steps``-step sampling run (after a 3-step warm-up run, which compiles).
-    Recurrence, candidates and polish are off, so that every step is one model call, guided or not."""
+    Recurrence, candidates and polish are off and guidance runs to the end, so that every step is one model call,
+    guided or not."""
     def run(n: int) -> None:
         generator = torch.Generator(device).manual_seed(0)
         sampler = DiffusionGenerator(1, size, size, generator=generator, model=model, scheduler=None, recurrence=1,
-                                     candidates=1, polish=0, **options)
+                                     candidates=1, polish=0, end=1.0, **options)
         if compile:
             sampler.compile_decode()
         sampler.sample(guidance, n, generator)
