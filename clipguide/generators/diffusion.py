@@ -260,8 +260,8 @@ class DiffusionGenerator(nn.Module):
             reliably (30 of 32 unguided samples at a tenth of 50 DDPM steps), and a wide pool finds the colours that
             the model draws rarely (black backgrounds: 7% of unguided samples). Guidance seldom overturns a
             background after that ("a purple circle on a white background" came out on orange when none of its 16
-            screened candidates had a white background). 1 turns it off. None: 12 x ``candidates`` (48) when candidates are
-            chosen, else 1. Screening is skipped when no step comes before the selection step.
+            screened candidates had a white background). 1 turns it off. None: 12 x ``candidates`` (48) when
+            candidates are chosen, else 1. Screening is skipped when no step comes before the selection step.
         screen_at: the fraction (0, 1) of the steps after which the screened candidates are cut to ``candidates``.
         polish: after the last step, the sample is noised ``polish`` times (independent draws) to the timestep at
             ``polish_at`` of the schedule, and the model's x0 estimates of those noisy copies are averaged: a
@@ -283,8 +283,8 @@ class DiffusionGenerator(nn.Module):
                  init: Optional[torch.Tensor] = None, model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes",
                  scheduler: Optional[str] = "ddpm", strength: float = 0.7, eta: float = 0.0,
                  recurrence: Optional[int] = None, recurrence_below: float = 0.2, candidates: Optional[int] = None,
-                 select_at: float = 0.2, finalists: Optional[int] = None, screen: Optional[int] = None, screen_at: float = 0.1, polish: int = 16,
-                 polish_at: float = 0.16, **guidance):
+                 select_at: float = 0.2, finalists: Optional[int] = None, screen: Optional[int] = None,
+                 screen_at: float = 0.1, polish: int = 16, polish_at: float = 0.16, **guidance):
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
