@@ -416,12 +416,10 @@ class DiffusionGenerator(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def _screened_rows(guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any, decode, k: int,
-                       n: int) -> torch.Tensor:
-        """Per image, the rows of its ``n`` candidates (of ``k``) whose x0 estimates have the lowest guidance loss,
-        best first, as indices [rows // k * n]."""
-        loss = guided.guidance.per_image(_x0_images(guided, out, x_t, t, decode))["total"]
-        return DiffusionGenerator._lowest_rows(loss, k, n, len(out))
+    def _judged_rows(guidance: CLIPGuidance, images: torch.Tensor, k: int, n: int) -> torch.Tensor:
+        """Per image, the rows of its ``n`` candidates (of ``k``) whose ``images`` [rows, 3, H, W] have the lowest
+        guidance loss, best first, as indices [rows // k * n]."""
+        return DiffusionGenerator._lowest_rows(guidance.per_image(images)["total"], k, n, len(images))
 
     def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
                callback: Optional[StepCallback] = None) -> torch.Tensor:
@@ -494,7 +492,8 @@ class DiffusionGenerator(nn.Module):
             if forward is guided and guided.guided_at(t):
                 loss = guided.last_terms["total"]
             if i == screen_step:   # the preview below reads out and x_in, so they are cut too
-                keep = self._screened_rows(guided, out, x_in, t, decode, k, self.candidates)
+                keep = self._judged_rows(guided.guidance, _x0_images(guided, out, x_in, t, decode), k,
+                                         self.candidates)
                 latents, out, x_in, k = latents[keep], out[keep], x_in[keep], self.candidates
                 generators, kwargs = self._keep(keep, generators, k, cfg, dtype, step_kwargs)
             if i == select:   # each image goes on with its best candidates, best first
@@ -515,7 +514,7 @@ class DiffusionGenerator(nn.Module):
                 latents = self._polish(latents, generators, guided.prediction_type, dtype, kwargs, cfg)
             images = decode(latents.float()).clamp(0, 1)
             if k > 1:   # each image's finalist whose finished picture has the lowest guidance loss
-                images = images[self._lowest_rows(guided.guidance.per_image(images)["total"], k, 1, len(images))]
+                images = images[self._judged_rows(guided.guidance, images, k, 1)]
             return images
 
     def _output(self, forward, x_in: torch.Tensor, t: Any, kwargs: dict, cfg: bool) -> torch.Tensor:

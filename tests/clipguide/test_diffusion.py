@@ -13,7 +13,7 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
 from clipguide import CLIPGuidance, ClipguideError, guide
 from clipguide.diffusion import (DiffusionGuidanceConfig, GuidedForward, alpha_bar, attach, decoder_for,
                                  output_correction, predict_x0, renoise)
-from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel, load_diffusion
+from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel, _x0_images, load_diffusion
 
 from .conftest import tiny_unet
 
@@ -494,7 +494,8 @@ def test_screening_keeps_each_images_lowest_loss_candidates_best_first():
                            DiffusionGuidanceConfig())
     values = torch.tensor([0.5, -0.9, 0.1, -0.5, -0.2, 0.9, -1.0, 0.0])   # images (v + 1) / 2: losses rank as below
     out = values.view(8, 1, 1, 1).expand(8, 3, 4, 4)
-    rows = DiffusionGenerator._screened_rows(guided, out, torch.zeros_like(out), 500, decoder_for(None), 4, 2)
+    images = _x0_images(guided, out, torch.zeros_like(out), 500, decoder_for(None))
+    rows = DiffusionGenerator._judged_rows(guided.guidance, images, 4, 2)
     assert rows.tolist() == [1, 3, 6, 4]
 
 
