@@ -407,8 +407,10 @@ class Run:
         if self.cancel.is_set():
             raise _Stopped()
         self.steps_done = step
-        if step % self.every == 0 or step == self.settings.steps:
-            self.events.put(("step", step, self.settings.steps, _preview(images)))
+        # guide() counts steps on through its retries, each of which runs the steps again
+        total = self.settings.steps * (1 + (step - 1) // self.settings.steps)
+        if step % self.every == 0 or step == total:
+            self.events.put(("step", step, total, _preview(images)))
 
     def _work(self) -> None:
         s = self.settings
@@ -555,8 +557,9 @@ class Text2Image:
                 elapsed = time.perf_counter() - start
                 first_preview = elapsed if first_preview is None else first_preview
                 eta = _eta(elapsed, step, total)
+                retry = " (retrying: CLIP found a picture unlike its prompt)" if total > settings.steps else ""
                 progress((step, total), desc=f"step {step}/{total}, ETA {eta}", unit="steps")
-                yield (image, gr.skip(), f"Step {step}/{total} ({label}), {elapsed:.1f} s, ETA {eta}",
+                yield (image, gr.skip(), f"Step {step}/{total}{retry} ({label}), {elapsed:.1f} s, ETA {eta}",
                        gr.skip(), gr.skip(), gr.skip())
             run.thread.join()
             if run.stopped:
@@ -575,7 +578,10 @@ class Text2Image:
             seconds = time.perf_counter() - start
             first = f", first preview after {first_preview:.1f} s" if first_preview is not None else ""
             scores = ", ".join(f"{s:.1f}" for s in result.clip_score)
-            status = (f"Done: {len(paths)} image(s) in {seconds:.1f} s{first} ({label}); CLIP score {scores}. "
+            retries = result.retries
+            redrawn = f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
+            status = (f"Done: {len(paths)} image(s) in {seconds:.1f} s{first} ({label}); "
+                      f"CLIP score {scores}{redrawn}. "
                       "The PNGs carry prompt, seed and settings in their metadata.")
             yield (str(paths[0]), [(e["path"], e["caption"]) for e in history], status, [str(p) for p in paths],
                    settings.seed, history)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core_clip import DEFAULT_MODEL, CoreClipError, load
-from core_clip.cli import OneLineParser, emit, int_at_least, positive_int, run
+from core_clip.cli import OneLineParser, emit, float_where, int_at_least, positive_int, run
 from core_clip.data import read_pairs_csv
 from core_clip.score import score_embeddings
 
@@ -47,11 +47,14 @@ def cmd_generate(args) -> None:
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
-                   progress=not args.json, device=args.device, compile=args.compile,
+                   progress=not args.json, device=args.device, compile=args.compile, retries=args.retries,
+                   accept_score=args.accept_score,
                    **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts)) if v},
                    backend_options=backend_options)
     # the last guided step's loss: diffusion leaves its last steps (and everything, at scale 0) unguided
     guided = [losses["total"] for losses in result.losses if math.isfinite(losses["total"])]
+    retries = result.retries
+    retried = f", {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
                                                    for i in range(len(result.images))]
@@ -59,11 +62,11 @@ def cmd_generate(args) -> None:
         image.save(path)
     emit({"out": str(paths[0]), "outs": [str(p) for p in paths], "clip_score": round(result.clip_score[0], 4),
           "clip_scores": [round(s, 4) for s in result.clip_score], "seconds": round(result.seconds, 3),
-          "steps": result.steps, "backend": args.backend, "seed": args.seed, "clip": args.clip,
-          "loss": round(guided[-1], 6) if guided else None},
+          "steps": result.steps, "attempts": result.attempts, "backend": args.backend, "seed": args.seed,
+          "clip": args.clip, "loss": round(guided[-1], 6) if guided else None},
          args.json,
          [f"{p}  clip_score {s:.2f}" for p, s in zip(paths, result.clip_score)]
-         + [f"{result.steps} steps in {result.seconds:.1f} s ({args.backend}, seed {args.seed})"])
+         + [f"{result.steps} steps in {result.seconds:.1f} s ({args.backend}, seed {args.seed}{retried})"])
 
 
 def cmd_app(args) -> None:
@@ -83,14 +86,7 @@ def _port(value: str) -> int:
     return port
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = float("nan")
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return x
+_positive_float = float_where(lambda x: 0 < x < math.inf, "a positive number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--candidates with the lowest guidance loss go on (1: off; default 12 x --candidates)")
     p.add_argument("--polish", type=int_at_least(0, "a non-negative integer"),
                    help="diffusion: noisy copies whose x0 estimates are averaged at the end (0: off; default 16)")
+    p.add_argument("--retries", type=int_at_least(0, "a non-negative integer"),
+                   help="redraw a picture scoring below --accept-score up to N times, keeping the best "
+                        "(default: 2 for guided diffusion, else 0)")
+    p.add_argument("--accept-score", type=float_where(lambda x: 0 <= x <= 100, "a CLIP score in [0, 100]"),
+                   help="CLIP score a picture must reach (default: the CLIP's calibrated match score)")
     p.add_argument("--model", help="the vqgan or diffusion backend's model: a shipped or public name, or a path")
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
     p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")

@@ -55,7 +55,7 @@ def evaluate(case_list: Sequence[Case], *, progress: bool = True, **guide_option
         result = guide(case.prompt, seed=i, **guide_options)
         reading = shapes.read(result.tensor[0])
         rows.append({"prompt": case.prompt, "reading": reading, "seconds": result.seconds,
-                     "clip_score": result.clip_score[0],
+                     "clip_score": result.clip_score[0], "attempts": result.attempts[0],
                      "right": {k: reading[k] == getattr(case, k) for k in ("color", "background", "shape")}})
     n = len(rows)
     summary = {k: sum(r["right"][k] for r in rows) / n for k in ("color", "background", "shape")}

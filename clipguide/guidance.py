@@ -181,6 +181,17 @@ class CLIPGuidance:
             grad, = torch.autograd.grad(loss, x)
         return loss.detach(), grad
 
+    def clip_score(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP score of each whole image: ``100 * max(cos, 0)`` against each positive prompt's target under the first
+        perceptor model, averaged over the positive prompts. images [B, 3, H, W] in [0, 1] -> float [B] in [0, 100]
+        (zeros when no prompt is positive). No cutouts or augmentations, so it does not draw on the generator."""
+        model = self.perceptor.members[0].model
+        positive = self.weights > 0
+        if not positive.any():
+            return images.new_zeros(len(images), dtype=torch.float32)
+        cos = model.embed_images(images.to(self.device)).float() @ self.targets[0][positive].T
+        return 100 * cos.clamp(min=0).mean(dim=1)
+
     def summary(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
         """Batch-mean floats of :meth:`per_image`'s terms, keyed "total", each prompt's label, each regulariser."""
         out = {"total": float(terms["total"].detach().mean())}

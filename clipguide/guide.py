@@ -28,9 +28,10 @@ class GuideResult:
     """What :func:`guide` made.
 
     image: the first image; images: every image of the batch (PIL, RGB); tensor: float [B, 3, H, W] in [0, 1];
-    losses: one dict per step run (batch means: "total", one entry per prompt, one per regulariser);
-    clip_score: per image, ``100 * max(cos, 0)`` against the positive prompts' targets under the first perceptor model
-    (averaged over those prompts); steps: optimisation / sampling steps actually run; seconds: wall time.
+    losses: one dict per step run, retries included (batch means: "total", one entry per prompt, one per
+    regulariser); clip_score: per image, ``100 * max(cos, 0)`` against the positive prompts' targets under the first
+    perceptor model (averaged over those prompts); steps: optimisation / sampling steps actually run, retries
+    included; seconds: wall time; attempts: per image, how many pictures were drawn for it (1 + its retries).
     """
 
     image: Image.Image
@@ -40,6 +41,12 @@ class GuideResult:
     clip_score: list[float]
     steps: int
     seconds: float
+    attempts: list[int]
+
+    @property
+    def retries(self) -> int:
+        """Pictures drawn again because they scored below the accepted CLIP score, over the whole batch."""
+        return sum(self.attempts) - len(self.attempts)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -61,6 +68,34 @@ def parse_size(size: Union[int, str, Sequence[int]]) -> tuple[int, int]:
     if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
         raise ClipguideError(f"size must be a positive integer or (width, height), got {size!r}")
     return sides[0], sides[1]
+
+
+def retry_seed(seed: int, image: int, attempt: int) -> int:
+    """The seed of retry ``attempt`` (1, 2, ...) of image ``image`` of a run seeded ``seed``: hashed from all three
+    (numpy's SeedSequence), so it is reproducible and unrelated to the seeds that batches and candidates use."""
+    return int(np.random.SeedSequence([seed % 2**64, image, attempt]).generate_state(1)[0])
+
+
+def _retry_policy(retries: Optional[int], accept_score: Optional[float], factory: type, options: dict,
+                  prompts: Sequence[Prompt], perceptor: Perceptor) -> tuple[int, float]:
+    """(retries, the CLIP score a picture must reach to be kept) from guide()'s arguments; see :func:`guide`."""
+    model = perceptor.members[0].model
+    if accept_score is not None and (isinstance(accept_score, bool) or not isinstance(accept_score, (int, float))
+                                     or not 0 <= accept_score <= 100):
+        raise ClipguideError(f"accept_score must be a CLIP score in [0, 100], got {accept_score!r}")
+    threshold = model.match_score if accept_score is None else float(accept_score)
+    positive = any(p.weight > 0 for p in prompts)
+    if retries is None:
+        return (factory.default_retries(**options) if positive and threshold is not None else 0), threshold
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ClipguideError(f"retries must be a non-negative integer, got {retries!r}")
+    if retries and not positive:
+        raise ClipguideError("retries judge a picture by its CLIP score against the positive prompts, and every "
+                             "prompt here is negative")
+    if retries and threshold is None:
+        raise ClipguideError(f"retries need a CLIP score to accept: CLIP model {model.name!r} has no calibrated "
+                             "match_score (see core-clip calibrate), so pass accept_score")
+    return retries, threshold
 
 
 def _init_tensor(init_image: Union[str, os.PathLike, Images, None], width: int, height: int,
@@ -109,6 +144,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
           init_image: Union[str, os.PathLike, Images, None] = None, backend_options: Optional[dict] = None,
           callback: Optional[Callable[[int, dict, torch.Tensor], None]] = None,
           frames: Union[str, os.PathLike, None] = None, frame_every: int = 1, progress: bool = False,
+          retries: Optional[int] = None, accept_score: Optional[float] = None,
           device: Union[str, torch.device, None] = None, compile: bool = False, **guidance_options) -> GuideResult:
     """Steer ``backend`` towards ``prompts`` with CLIP and return the pictures.
 
@@ -130,6 +166,13 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
         callback: called after every step as callback(step, losses, images [B, 3, H, W] detached).
         frames: folder for frame_NNNNN.png every ``frame_every`` steps (and frames.mp4 if imageio-ffmpeg is installed).
         progress: show a tqdm bar.
+        retries: how many more times an image whose CLIP score stays below ``accept_score`` is drawn again, each
+            time from a fresh :func:`retry_seed`; the best-scoring picture is kept. None: the backend's
+            ``default_retries`` (2 for guided diffusion, 0 for optimisation backends), or 0 when the threshold is
+            unknown or no prompt is positive. The score is :attr:`GuideResult.clip_score`'s, so a prompt split into
+            parts ("a red circle | a blue background") scores lower than one caption of the same picture.
+        accept_score: the CLIP score a picture must reach; None: the first CLIP model's calibrated ``match_score``
+            (the score 99% of its true image-caption pairs reach; ``core-clip calibrate``).
         compile: torch.compile the CLIP image towers and the backend's decoder (CUDA graphs on CUDA; see
             :mod:`clipguide.compiling`): tens of seconds up front for faster steps, worth it for long runs.
             Ignored for a ready :class:`Perceptor` passed as ``clip`` (give it ``compile=True`` yourself).
@@ -159,43 +202,62 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     perceptor = clip if isinstance(clip, Perceptor) else Perceptor(clip, device=device, compile=compile)
-    guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
-    generator = torch.Generator(perceptor.device).manual_seed(seed)
+    retries, accept = _retry_policy(retries, accept_score, factory, options, all_prompts, perceptor)
     init = _init_tensor(init_image, width, height, perceptor.device)
-    backend_impl = factory(batch, height, width, generator=generator, init=init, **options)
-    if compile:
-        backend_impl.compile_decode()
 
+    def prepare(attempt_seed: int, count: int) -> tuple[CLIPGuidance, object, torch.Generator]:
+        """The guidance, a backend making ``count`` pictures, and its generator, all seeded ``attempt_seed``."""
+        guidance = CLIPGuidance(all_prompts, perceptor, seed=attempt_seed, **guidance_options)
+        generator = torch.Generator(perceptor.device).manual_seed(attempt_seed)
+        backend_impl = factory(count, height, width, generator=generator, init=init, **options)
+        if compile:
+            backend_impl.compile_decode()
+        return guidance, backend_impl, generator
+
+    def draw(prepared: tuple, on_step: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prepared backend's pictures [count, 3, H, W] in [0, 1] and their CLIP scores [count]."""
+        guidance, backend_impl, generator = prepared
+        with deterministic(perceptor.device):
+            pictures = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
+        return pictures, guidance.clip_score(pictures)
+
+    first = prepare(seed, batch)  # bad settings fail here, before any progress is shown
     history: list[dict] = []
     writer = _Frames(frames, frame_every) if frames is not None else None
     bar = tqdm(total=steps, desc=f"guide {backend}", disable=not progress, leave=False)
 
-    def on_step(step: int, losses: dict, images: torch.Tensor) -> None:
-        history.append(losses)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['total']:.4f}")
-        if writer is not None:
-            writer(step, images)
-        if callback is not None:
-            callback(step, losses, images)
+    def reporter(view: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[int, dict, torch.Tensor], None]:
+        """A backend step callback; ``view`` turns the backend's images into the whole batch's (for a retry: the
+        batch with the retried row replaced), and steps count on across retries."""
+        def on_step(_: int, losses: dict, images: torch.Tensor) -> None:
+            history.append(losses)
+            images = view(images)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses['total']:.4f}")
+            if writer is not None:
+                writer(len(history), images)
+            if callback is not None:
+                callback(len(history), losses, images)
+        return on_step
 
     try:
-        with deterministic(perceptor.device):
-            images = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
+        images, scores = draw(first, reporter(lambda x: x))
+        attempts = [1] * batch
+        for i in range(batch):
+            for k in range(1, retries + 1):
+                if scores[i] >= accept:
+                    break
+                bar.total += steps
+                bar.refresh()
+                view = lambda x, i=i: torch.cat([images[:i], x, images[i + 1:]])  # noqa: E731
+                picture, score = draw(prepare(retry_seed(seed, i, k), 1), reporter(view))
+                attempts[i] += 1
+                if score[0] > scores[i]:
+                    images[i], scores[i] = picture[0], score[0]
     finally:
         bar.close()
     if writer is not None:
         writer.finish()
     return GuideResult(image=to_pil(images[:1])[0], images=to_pil(images), tensor=images.cpu(), losses=history,
-                       clip_score=_clip_scores(guidance, images), steps=len(history),
-                       seconds=time.perf_counter() - start)
-
-
-def _clip_scores(guidance: CLIPGuidance, images: torch.Tensor) -> list[float]:
-    """Per image: mean over positive prompts of 100 * max(cos, 0) under the first perceptor model."""
-    model = guidance.perceptor.members[0].model
-    positive = guidance.weights > 0
-    if not positive.any():
-        return [0.0] * len(images)
-    cos = model.embed_images(images).float() @ guidance.targets[0][positive].T
-    return (100 * cos.clamp(min=0).mean(dim=1)).tolist()
+                       clip_score=scores.tolist(), steps=len(history), seconds=time.perf_counter() - start,
+                       attempts=attempts)

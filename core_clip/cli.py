@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,6 +46,19 @@ def int_at_least(minimum: int, what: str):
 positive_int = int_at_least(1, "a positive integer")
 
 
+def float_where(ok: Callable[[float], bool], what: str):
+    """An argparse type: a number for which ``ok`` holds (NaN never does), else an error saying "expected <what>"."""
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return x
+    return parse
+
+
 def emit(result: dict, as_json: bool, lines: Sequence[str]) -> None:
     if as_json:
         print(json.dumps(result))
@@ -80,6 +93,19 @@ def cmd_eval(args) -> None:
         results = eval_pairs(model, args.data)
     emit({"model": args.model, "data": args.data, **results}, args.json,
           [f"{k:28s} {v:.4f}" for k, v in results.items()])
+
+
+def cmd_calibrate(args) -> None:
+    from .calibrate import match_score, record_match_score
+
+    model = load(args.model, device=args.device)
+    score = match_score(model, args.data, n=args.n, quantile=args.quantile, seed=args.seed,
+                        progress=not args.json)
+    path = record_match_score(args.model, score) if args.write else None
+    emit({"model": args.model, "data": args.data, "quantile": args.quantile, "match_score": round(score, 2),
+          "written": str(path) if path else None}, args.json,
+         [f"match score {score:.2f}: {1 - args.quantile:.0%} of true pairs of {args.data} score at least this"]
+         + ([f"recorded in {path}"] if path else []))
 
 
 def cmd_embed(args) -> None:
@@ -177,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shapes, digits, or a CSV of path,caption rows")
     p.add_argument("--n", type=positive_int, default=2000, help="ShapesWorld images to render (seen pairs)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = command("calibrate", cmd_calibrate, "measure the CLIP score true pairs reach and record it in the "
+                "model's config (guidance retries pictures below it)")
+    p.add_argument("--data", required=True, help="shapes, digits, a CSV of path,caption rows, or a captioned folder")
+    p.add_argument("--n", type=positive_int, default=2000, help="pairs to score (ShapesWorld: fresh test scenes)")
+    p.add_argument("--quantile", type=float_where(lambda x: 0 < x < 1, "a number in (0, 1)"), default=0.01,
+                   help="share of true pairs allowed below the score")
+    p.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0)
+    p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
+                   help="record the score in the model's json config (default) or only print it")
 
     p = command("embed", cmd_embed, "embed images or texts into a safetensors file")
     p.add_argument("images", nargs="*", metavar="IMAGE")

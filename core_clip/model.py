@@ -50,12 +50,17 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model: open_clip's ``model_cfg`` and ``preprocess_cfg`` (the layout of
-    open_clip's ``open_clip_config.json``), plus the tokenizer and, for built-in architectures, their name."""
+    open_clip's ``open_clip_config.json``), plus the tokenizer and, for built-in architectures, their name.
+
+    ``match_score``: the CLIP score (``100 * cos``) that 99% of true image-caption pairs of the model's own data
+    reach, recorded by ``core-clip calibrate``; None when uncalibrated. Guidance retries pictures scoring below it.
+    """
 
     model_cfg: dict
     preprocess_cfg: dict
     tokenizer: dict = field(default_factory=lambda: {"type": "open_clip"})
     arch: str | None = None
+    match_score: float | None = None
 
     @classmethod
     def from_json(cls, obj: dict, source: str) -> "ModelConfig":
@@ -70,7 +75,10 @@ class ModelConfig:
             hf_name = text_cfg.get("hf_tokenizer_name")
             tokenizer = {"type": "hf", "path": hf_name} if hf_name else {"type": "open_clip"}
             tokenizer["context_length"] = text_cfg.get("context_length", 77)
-        return cls(model_cfg, preprocess_cfg, tokenizer, obj.get("arch"))
+        match_score = obj.get("match_score")
+        if match_score is not None and not (isinstance(match_score, (int, float)) and 0 <= match_score <= 100):
+            raise CheckpointError(f"{source}: match_score must be a number in [0, 100], got {match_score!r}")
+        return cls(model_cfg, preprocess_cfg, tokenizer, obj.get("arch"), match_score)
 
     @classmethod
     def from_file(cls, path: Path) -> "ModelConfig":
@@ -137,6 +145,11 @@ class ClipModel(nn.Module):
     @property
     def image_size(self) -> int:
         return self.preprocess.size
+
+    @property
+    def match_score(self) -> float | None:
+        """See :class:`ModelConfig`: the CLIP score most true pairs reach, or None when uncalibrated."""
+        return self.config.match_score
 
     @property
     def embed_dim(self) -> int:
@@ -239,9 +252,7 @@ class ClipModel(nn.Module):
         are written atomically. Returns the path to pass to :func:`load`.
         """
         path = Path(path)
-        config = asdict(self.config)
-        if config["arch"] is None:
-            del config["arch"]
+        config = {k: v for k, v in asdict(self.config).items() if v is not None or k not in ("arch", "match_score")}
         if path.suffix == ".safetensors":
             weights, config_path = path, path.with_suffix(".json")
         else:
@@ -255,6 +266,7 @@ class ClipModel(nn.Module):
 class _Resolved:
     config: ModelConfig
     weights: Path | dict | None  # a file, an in-memory state dict (converted checkpoints), or None: random init
+    config_file: Path | None = None  # the local json the config came from (shipped or user models), else None
 
 
 def list_shipped() -> list[str]:
@@ -281,7 +293,7 @@ def _resolve_folder(path: Path) -> _Resolved:
     weights = next((path / n for n in _FOLDER_WEIGHTS if (path / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path} has {CONFIG_NAME} but no weights file (looked for {', '.join(_FOLDER_WEIGHTS)})")
-    return _Resolved(ModelConfig.from_file(config_path), weights)
+    return _Resolved(ModelConfig.from_file(config_path), weights, config_path)
 
 
 def _resolve_file(path: Path, arch: str | None) -> _Resolved:
@@ -291,7 +303,7 @@ def _resolve_file(path: Path, arch: str | None) -> _Resolved:
         return _Resolved(_arch_config(arch), path)
     for config_path in (path.with_suffix(".json"), path.parent / CONFIG_NAME):
         if config_path.is_file():
-            return _Resolved(ModelConfig.from_file(config_path), path)
+            return _Resolved(ModelConfig.from_file(config_path), path, config_path)
     raise CheckpointError(f"{path}: no config found; put {path.with_suffix('.json').name} beside it "
                           "or pass arch= (an open_clip architecture name)")
 
@@ -350,7 +362,8 @@ def resolve(name: str, arch: str | None = None) -> _Resolved:
     if name.startswith("hf-hub:"):
         return _resolve_hub(name[len("hf-hub:"):])
     if name in list_shipped():
-        return _Resolved(ModelConfig.from_file(WEIGHTS_DIR / f"{name}.json"), WEIGHTS_DIR / f"{name}.safetensors")
+        config_path = WEIGHTS_DIR / f"{name}.json"
+        return _Resolved(ModelConfig.from_file(config_path), WEIGHTS_DIR / f"{name}.safetensors", config_path)
     if ":" in name:
         return _resolve_tag(*name.split(":", 1))
     if Path(name).suffix in WEIGHT_SUFFIXES or os.sep in name:

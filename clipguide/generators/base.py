@@ -5,8 +5,9 @@ A generator turns its own parameters into images [B, 3, H, W] in [0, 1]. Every b
     sample(guidance, steps, generator, callback) -> images [B, 3, H, W]
 
 so ``guide()`` never branches on the kind of backend. Every backend class also answers
-``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for) and ``default_steps``,
-and its instances ``compile_decode()``, which compiles the differentiable map that guidance back-propagates through
+``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for), ``default_steps`` and
+``default_retries(**options)`` (how often guide() redraws a picture that its CLIP scores below a true pair), and its
+instances ``compile_decode()``, which compiles the differentiable map that guidance back-propagates through
 (``guide(compile=True)`` calls it).
 Optimisation backends (pixels, fourier, vqgan) subclass :class:`OptimisedGenerator`, which implements ``sample`` as
 Adam on ``parameters()`` through ``decode()``; sampling backends (diffusion) implement ``sample`` themselves.
@@ -95,6 +96,12 @@ class OptimisedGenerator(nn.Module):
     def native_size(cls, **options) -> tuple[int, int]:
         """(width, height) used when guide() is given no size: ShapesWorld's 64 px."""
         return 64, 64
+
+    @classmethod
+    def default_retries(cls, **options) -> int:
+        """0: optimisation reaches a high CLIP score whatever it draws, so a low score rarely flags a wrong picture,
+        and each retry would cost a whole run."""
+        return 0
 
     def decode(self) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1], differentiable with respect to ``parameters()``."""

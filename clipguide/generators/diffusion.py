@@ -341,6 +341,12 @@ class DiffusionGenerator(nn.Module):
         h, w = (size, size) if isinstance(size, int) else size
         return w * factor, h * factor
 
+    @classmethod
+    def default_retries(cls, scale: float = DiffusionGuidanceConfig.scale, **_) -> int:
+        """2 when guided: a sample that went wrong early (a swapped colour, the wrong background) scores far below a
+        true pair, and a fresh seed usually fixes it. 0 at scale 0, where samples are not steered by CLIP."""
+        return 2 if scale > 0 else 0
+
     def compile_decode(self) -> None:
         """Compile the decoder that guidance back-propagates through (the VAE's, for latent models) when sampling;
         previews and the final decode stay eager."""

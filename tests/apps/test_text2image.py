@@ -284,3 +284,12 @@ def test_cli_app_bad_arguments_exit_2_with_one_line(capsys, args):
         main(["app", *args])
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_retries_show_in_the_progress_and_the_status(app):
+    # the tiny random diffusion model draws noise, which the shipped CLIP scores far below its match score
+    outputs = run(app, backend="diffusion", steps=3, size=16, seed=5)
+    previews, final = outputs[1:-1], outputs[-1]
+    assert previews[-1][2].startswith("Step 9/9 (retrying: CLIP found a picture unlike its prompt)")
+    assert all("retrying" not in p[2] for p in previews if int(p[2].split()[1].split("/")[0]) <= 3)
+    assert "after 2 retries." in final[2]

@@ -31,10 +31,21 @@ def test_generate_json_contract(capsys, tmp_path):
 def test_generate_json_reports_the_last_guided_loss_of_diffusion(capsys, tmp_path, tiny_diffusion_path):
     # 3 DDPM steps at t = 666, 333, 0: guidance (to 0.6 of the way) steers only the first; NaN is not JSON
     code, out, err = generate(capsys, "a red circle", "--backend", "diffusion", "--model", str(tiny_diffusion_path),
-                              "--steps", "3", "--size", "16", "--cutn", "2", "--out", str(tmp_path / "x.png"), "--json")
+                              "--steps", "3", "--size", "16", "--cutn", "2", "--retries", "0", "--out",
+                              str(tmp_path / "x.png"), "--json")
     assert code == 0, err
     report = json.loads(out.strip().splitlines()[-1], parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert report["steps"] == 3 and isinstance(report["loss"], float) and report["loss"] > 0
+
+
+def test_generate_reports_retries(capsys, tmp_path):
+    args = ("a red circle", "--steps", "1", "--cutn", "2", "--size", "16", "--out", str(tmp_path / "x.png"))
+    code, out, err = generate(capsys, *args, "--retries", "1", "--accept-score", "100", "--json")
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["attempts"] == [2] and report["steps"] == 2
+    code, out, err = generate(capsys, *args, "--retries", "2", "--accept-score", "100")
+    assert code == 0 and out.strip().endswith("(pixels, seed 0, 2 retries)")
 
 
 def test_generate_loss_and_cutouts_flags(capsys, tmp_path):
@@ -82,6 +93,9 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--backend", "diffusion", "--candidates", "4", "--screen", "2"], "screen 2 must be at least candidates 4"),
     (["--backend", "diffusion", "--scheduler", "dpm", "--candidates", "2"], "candidates 2 need a sampler"),
     (["--polish", "4"], "backend 'pixels' has no option 'polish'"),
+    (["--retries", "-1"], "--retries"),
+    (["--accept-score", "101"], "expected a CLIP score in [0, 100], got 101"),
+    (["--clip", "shapes-tiny", "--retries", "1"], "no calibrated match_score"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)

@@ -37,7 +37,7 @@ def _fake_guide(draw_right):
             image = torch.zeros(1, 3, 64, 64)
             image[..., :32] = torch.tensor(shapes.COLORS[case.color]).view(3, 1, 1) / 255
             image[..., 32:] = torch.tensor(shapes.COLORS[case.background]).view(3, 1, 1) / 255
-        return GuideResult(to_pil(image)[0], to_pil(image), image, [], [50.0], 1, 0.1)
+        return GuideResult(to_pil(image)[0], to_pil(image), image, [], [50.0], 1, 0.1, [1])
     return guide
 
 

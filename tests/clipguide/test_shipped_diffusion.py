@@ -12,6 +12,7 @@ import json
 import torch
 from diffusers import DDPMPipeline
 
+import core_clip
 from clipguide import guide
 from clipguide.generators.diffusion import WEIGHTS, DiffusionGenerator, load_diffusion
 from core_clip import shapes
@@ -62,3 +63,13 @@ def test_guidance_paints_the_background_the_prompt_asks_for():
     steered = guide(prompt, backend="diffusion", seed=0, batch=4)
     count = lambda result: sum(shapes.read(im)["background"] == "blue" for im in result.tensor)
     assert count(plain) == 0 and count(steered) >= 2
+
+
+def test_a_retry_redraws_a_picture_that_clip_scores_below_a_true_pair():
+    prompt = "a red circle on a blue background"
+    once = guide(prompt, backend="diffusion", seed=2, retries=0)
+    assert once.clip_score[0] < core_clip.load("shapes").match_score
+    assert shapes.read(once.tensor[0])["background"] != "blue"  # seed 2 draws it wrong
+    retried = guide(prompt, backend="diffusion", seed=2)        # the default: up to 2 retries
+    assert retried.attempts == [2]
+    assert shapes.matches(shapes.read(retried.tensor[0]), shapes.Scene("circle", "red", "blue"))

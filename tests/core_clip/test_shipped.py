@@ -42,3 +42,10 @@ def test_shipped_model_classifies_rendered_files_from_the_cli(shipped, tmp_path,
                  "--template", "a green {}", "--template", "a yellow {}", "--json"]) == 0
     predictions = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"]
     assert [p["label"] for p in predictions] == [s.shape for s in scenes]
+
+
+def test_shipped_model_is_calibrated(shipped):
+    from core_clip.calibrate import match_score
+
+    # the README's `core-clip calibrate --model core_clip/weights/shapes.safetensors --data shapes` recorded it
+    assert shipped.match_score == round(match_score(shipped, "shapes"), 2)
