@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -109,7 +110,7 @@ def test_generation_is_what_the_prompt_asked_for(server, client):
         f"no ShapesWorld diffusion model at {DIFFUSION_MODEL}: ship clipguide/weights/diffusion-shapes/ (or point "
         "CLIPGUIDE_TEST_DIFFUSION_MODEL at a trained pipeline folder)")
     # One of the seen-pair prompts that the shipped model draws right with the app's settings (`python -m
-    # clipguide.evaluate --backend diffusion` case 6, seed 6); guided, it gets only 45% of them fully right so far
+    # clipguide.evaluate --backend diffusion` case 6, seed 6); guided, it gets 93% of them fully right so far
     # (issue 6), so this checks the whole path from the browser API to the PNG, not the model's general quality.
     image, gallery, status, files, seed = client.predict(
         **request(prompt="a yellow circle on a blue background", backend="diffusion", steps=50, size=32, seed=6,
@@ -135,7 +136,11 @@ def test_previews_stream_and_pngs_carry_their_settings(server, client):
     outputs = job.outputs()
     previews = [o for o in outputs[1:-1] if isinstance(o[0], str)]
     shown = [int(o[2].split()[1].split("/")[0]) for o in previews]   # "Step k/12 (...)", every 2nd step
-    assert shown == sorted(set(shown)) and set(shown) <= set(range(2, 13, 2)) and shown[-1] == 12
+    # at 16 px the shipped model's pictures score low, so guide() may redraw them: steps count on through retries
+    redrawn = re.search(r"after (\d+) retr", status)
+    retries = int(redrawn.group(1)) if redrawn else 0
+    assert shown == sorted(set(shown)) and set(shown) <= set(range(2, 12 * (retries + 1) + 1, 2))
+    assert shown[-1] == 12 * (retries + 1)
     assert first_preview is not None and first_preview < total
     assert outputs[0][4] == seed and 0 <= seed < 2**31           # the random seed is shown at once
     record = read_metadata(files[0])                             # the downloaded PNG, metadata intact
