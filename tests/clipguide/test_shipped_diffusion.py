@@ -73,3 +73,19 @@ def test_a_retry_redraws_a_picture_that_clip_scores_below_a_true_pair():
     retried = guide(prompt, backend="diffusion", seed=2)        # the default: up to 2 retries
     assert retried.attempts == [2]
     assert shapes.matches(shapes.read(retried.tensor[0]), shapes.Scene("circle", "red", "blue"))
+
+
+def test_the_readme_main_command_draws_its_prompt(tmp_path):
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from clipguide.cli import main
+
+    prompt, options = "a red circle on a blue background", ["--backend", "diffusion", "--steps", "30"]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f'.venv/bin/clipguide generate "{prompt}" {" ".join(options)} --out red_circle.png' in readme
+    out = tmp_path / "red_circle.png"
+    assert main(["generate", prompt, *options, "--out", str(out), "--json"]) == 0
+    assert shapes.matches(shapes.read(np.asarray(Image.open(out))), shapes.Scene("circle", "red", "blue"))
