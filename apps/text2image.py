@@ -65,6 +65,7 @@ MAX_PROMPT_CHARS = 500
 MAX_PROMPT_ITEMS = 8
 MAX_CUTN = 64
 MAX_SCALE = 10_000.0
+MAX_RETRIES = 4
 SEED_LIMIT = 2**31                  # seeds are 0 .. 2**31 - 1 (they fit every JavaScript number and int32)
 
 PROMPT_HELP = """\
@@ -112,7 +113,8 @@ class Settings:
     """One generation's settings: what :func:`guide` is called with, and what each PNG records.
 
     Backend-specific fields are None where they do not apply (``lr`` for optimisation backends; ``scale`` and
-    ``scheduler`` for diffusion); None also means "the backend's default".
+    ``scheduler`` for diffusion); None also means "the backend's default", as it does for ``retries`` (how often
+    guide() redraws a picture that the CLIP scores below a true pair).
     """
 
     prompt: str
@@ -128,6 +130,7 @@ class Settings:
     scale: Optional[float] = None
     scheduler: Optional[str] = None
     clip: tuple[str, ...] = (core_clip.DEFAULT_MODEL,)
+    retries: Optional[int] = None
 
     def backend_options(self) -> dict:
         """The user-chosen backend options (the app adds the model location itself)."""
@@ -243,13 +246,14 @@ def _number(value: Any, name: str, low: float, high: float, low_open: bool = Fal
 
 def validate(prompt: Any, negative: Any = "", backend: Any = "pixels", steps: Any = None, size: Any = None,
              seed: Any = 0, random_seed: bool = False, batch: Any = 1, cutn: Any = 16, cutouts: Any = "classic",
-             lr: Any = None, scale: Any = None, scheduler: Any = None, clip: Any = None, *, limits: Limits = Limits(),
+             lr: Any = None, scale: Any = None, scheduler: Any = None, clip: Any = None, retries: Any = None, *,
+             limits: Limits = Limits(),
              backends: Optional[dict[str, BackendInfo]] = None,
              clip_choices: Optional[Sequence[str]] = None) -> Settings:
     """Check every input on the server and return the :class:`Settings` to run, or raise ``gr.Error``.
 
-    ``steps`` / ``size`` None mean the backend's defaults (capped by ``limits``); ``random_seed`` draws a fresh seed
-    (which the returned settings carry, so the UI can show it). Options that do not apply to the chosen backend
+    ``steps`` / ``size`` / ``retries`` None mean the backend's defaults (capped by ``limits``); ``random_seed`` draws a
+    fresh seed (which the returned settings carry, so the UI can show it). Options that do not apply to the chosen backend
     (``lr`` for diffusion, ``scale`` and ``scheduler`` otherwise) are dropped.
     """
     backends = find_backends() if backends is None else backends
@@ -285,6 +289,7 @@ def validate(prompt: Any, negative: Any = "", backend: Any = "pixels", steps: An
     batch = _integer(batch, "batch size", 1, limits.max_batch)
     seed = secrets.randbelow(SEED_LIMIT) if random_seed else _integer(seed, "seed", 0, SEED_LIMIT - 1)
     cutn = _integer(cutn, "cutn", 1, MAX_CUTN)
+    retries = None if retries in (None, "") else _integer(retries, "retries", 0, MAX_RETRIES)
     if cutouts not in CUTOUTS:
         raise gr.Error(f"unknown cutout scheme {cutouts!r}; choose one of: {', '.join(CUTOUTS.names())}")
 
@@ -311,7 +316,7 @@ def validate(prompt: Any, negative: Any = "", backend: Any = "pixels", steps: An
                        f"choose from: {', '.join(clip_choices)}")
     return Settings(prompt=prompt.strip(), negative=negative.strip(), backend=info.name, steps=steps, size=size,
                     seed=seed, batch=batch, cutn=cutn, cutouts=cutouts, lr=lr, scale=scale, scheduler=scheduler,
-                    clip=tuple(dict.fromkeys(clip)))
+                    clip=tuple(dict.fromkeys(clip)), retries=retries)
 
 
 # ------------------------------------------------------------------------------------------------------ metadata
@@ -421,7 +426,7 @@ class Run:
                 self.result = guide(s.prompt, backend=s.backend, clip=perceptor(s.clip, self.device), steps=s.steps,
                                     size=s.size, seed=s.seed, batch=s.batch, negative=s.negative or (),
                                     backend_options={**s.backend_options(), **self.backend.options},
-                                    callback=self._callback, cutn=s.cutn, cutouts=s.cutouts)
+                                    callback=self._callback, cutn=s.cutn, cutouts=s.cutouts, retries=s.retries)
         except _Stopped:
             self.stopped = True
         except BaseException as e:  # handed to the event handler, which reports it
@@ -519,7 +524,7 @@ class Text2Image:
 
     def generate(self, prompt: str, negative: str, backend: str, steps: Any, size: Any, seed: Any,
                  random_seed: bool, batch: Any, cutn: Any, cutouts: str, lr: Any, scale: Any, scheduler: Any,
-                 clip: Any, history: Optional[list], request: gr.Request = None,
+                 clip: Any, history: Optional[list], retries: Any = None, request: gr.Request = None,
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """The Generate event: validate, then stream previews and end with the results.
 
@@ -527,7 +532,7 @@ class Text2Image:
         results, newest first, each captioned with its CLIP score; ``history`` is that list (the session's gr.State).
         """
         settings = self.validate(prompt, negative, backend, steps, size, seed, random_seed, batch, cutn, cutouts, lr,
-                                 scale, scheduler, clip)
+                                 scale, scheduler, clip, retries)
         history = list(history or [])
         session = getattr(request, "session_hash", None) or ""
         run = Run(settings, self.backends[settings.backend], self.device, self._slots, self.preview_every)
@@ -642,6 +647,9 @@ class Text2Image:
                                                 visible=default.name == "diffusion")
                         clip = gr.CheckboxGroup(self.clip_choices, value=[core_clip.DEFAULT_MODEL],
                                                 label="CLIP model(s) (local only)")
+                        retries = gr.Number(value=None, precision=0, minimum=0, maximum=MAX_RETRIES,
+                                            label="Retries: redraw a picture that CLIP scores below a true pair "
+                                                  "(blank: the backend's default, 2 for diffusion)")
                     with gr.Row():
                         run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -662,7 +670,7 @@ class Text2Image:
                            api_visibility="private")
             event = run_btn.click(self.generate,
                                   [prompt, negative, backend, steps, size, seed, random_seed, batch, cutn, cutouts,
-                                   lr, scale, scheduler, clip, history],
+                                   lr, scale, scheduler, clip, history, retries],
                                   [preview, gallery, status, files, seed, history], api_name="generate",
                                   concurrency_limit=lim.concurrency, concurrency_id="device",
                                   show_progress="full", show_progress_on=[status])

@@ -36,7 +36,7 @@ def inputs(**overrides) -> dict:
     """Keyword inputs of Text2Image.generate (pixels, 16 px, few steps and cutouts), with overrides."""
     values = dict(prompt="a red circle on a blue background", negative="", backend="pixels", steps=3, size=16,
                   seed=0, random_seed=False, batch=1, cutn=2, cutouts="classic", lr=None, scale=None,
-                  scheduler=None, clip=["shapes"], history=[])
+                  scheduler=None, clip=["shapes"], history=[], retries=None)
     values.update(overrides)
     return values
 

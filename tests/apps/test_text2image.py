@@ -65,6 +65,9 @@ def test_validate_fills_backend_defaults(app):
     (dict(backend="diffusion", scheduler="plms"), "unknown scheduler 'plms'"),
     (dict(clip=["ViT-B-32:openai"]), "CLIP model(s) 'ViT-B-32:openai' are not available offline here"),
     (dict(clip=["/etc/passwd"]), "are not available offline here"),
+    (dict(retries=-1), "retries must be between 0 and 4, got -1"),
+    (dict(retries=5), "retries must be between 0 and 4, got 5"),
+    (dict(retries=1.5), "retries must be a whole number"),
 ])
 def test_validate_rejects_with_a_message(app, overrides, message):
     values = inputs(**overrides)
@@ -293,3 +296,14 @@ def test_retries_show_in_the_progress_and_the_status(app):
     assert previews[-1][2].startswith("Step 9/9 (retrying: CLIP found a picture unlike its prompt)")
     assert all("retrying" not in p[2] for p in previews if int(p[2].split()[1].split("/")[0]) <= 3)
     assert "after 2 retries." in final[2]
+    assert read_metadata(final[3][0])["retries"] is None          # the backend's default, recorded as such
+
+
+def test_retries_chosen_by_the_user_are_used_and_recorded(app):
+    once = run(app, backend="diffusion", steps=3, size=16, seed=5, retries=0)[-1]
+    assert "retr" not in once[2] and read_metadata(once[3][0])["retries"] == 0
+    one = run(app, backend="diffusion", steps=3, size=16, seed=5, retries=1)[-1]
+    assert "after 1 retry." in one[2]
+    settings = settings_from_metadata(read_metadata(one[3][0]))
+    assert settings.retries == 1
+    assert settings_from_metadata({"prompt": "a red circle"}).retries is None   # PNGs from before retries
