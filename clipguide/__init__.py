@@ -11,11 +11,11 @@ from .determinism import deterministic
 from .errors import ClipguideError, GuidanceError, PromptError, UnknownNameError
 from .generators import GENERATORS
 from .guidance import CLIPGuidance, GuidanceConfig
-from .guide import GuideResult, guide
+from .guide import GuideResult, guide, retry_seed
 from .perceptor import Perceptor
 from .prompts import Prompt, parse_prompts
 
 __all__ = [
     "CLIPGuidance", "ClipguideError", "GENERATORS", "GuidanceConfig", "GuidanceError", "GuideResult", "Perceptor",
-    "Prompt", "PromptError", "UnknownNameError", "deterministic", "guide", "parse_prompts",
+    "Prompt", "PromptError", "UnknownNameError", "deterministic", "guide", "parse_prompts", "retry_seed",
 ]

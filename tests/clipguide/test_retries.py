@@ -3,9 +3,8 @@ the best-scoring picture is kept."""
 import pytest
 import torch
 
-from clipguide import ClipguideError, guide
+from clipguide import ClipguideError, guide, retry_seed
 from clipguide.generators import GENERATORS
-from clipguide.guide import retry_seed
 
 PROMPT = "a red circle on a blue background"
 
