@@ -7,8 +7,9 @@
 
 Each row times the same sampling loop several ways: unguided (guidance scale 0, the UNet's output untouched), guided
 with the exact gradient (back-propagated through the UNet and the VAE decoder), and guided with the cheap gradient
-(model output held fixed: no UNet backward), that one also with gradient checkpointing and, with --compile, with the
-guidance decode and CLIP compiled (CUDA graphs on CUDA). The ratio is guided / unguided.
+(model output held fixed: no UNet backward), that one also with gradient checkpointing, with the guidance decoding x0
+at half its resolution (``decode_scale=0.5``) and, with --compile, with the guidance decode and CLIP compiled (CUDA
+graphs on CUDA). The ratio is guided / unguided.
 
     python benchmarks/diffusion_step.py --compile            # both, on CUDA when available
     python benchmarks/diffusion_step.py --only b --size 256 --steps 2 --device cpu
@@ -58,19 +59,24 @@ def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, step
 
 def compare(label: str, model: DiffusionModel, make_guidance: Callable[[bool], CLIPGuidance], size: int, steps: int,
             device: torch.device, scale: float, compile: bool = False) -> None:
-    """Unguided, then guided with the exact and the cheap gradient, the cheap one also with gradient checkpointing
-    and (``compile``) compiled; ``make_guidance(compiled)`` builds the guidance (its perceptor compiled or not)."""
+    """Unguided, then guided with the exact and the cheap gradient, the cheap one also with gradient checkpointing,
+    with a half-resolution decode and (``compile``) compiled; ``make_guidance(compiled)`` builds the guidance (its
+    perceptor compiled or not)."""
     guidance = make_guidance(False)
     plain_ms, plain_mem = time_sampling(model, guidance, size, steps, device, scale=0.0)
-    print(f"{label}: unguided                 {plain_ms:9.1f} ms/step (peak {plain_mem:7.0f} MiB)", flush=True)
+    print(f"{label}: unguided{'':{37}}{plain_ms:9.1f} ms/step (peak {plain_mem:7.0f} MiB)", flush=True)
     rows = [("exact", guidance, dict(through_unet=True)),
             ("cheap", guidance, dict(through_unet=False)),
-            ("cheap, checkpointing", guidance, dict(through_unet=False, checkpointing=True))]
+            ("cheap, checkpointing", guidance, dict(through_unet=False, checkpointing=True)),
+            ("cheap, decode 0.5", guidance, dict(through_unet=False, decode_scale=0.5))]
     if compile:
-        rows.append(("cheap, compiled", make_guidance(True), dict(through_unet=False, compile=True)))
+        compiled_guidance = make_guidance(True)
+        rows += [("cheap, compiled", compiled_guidance, dict(through_unet=False, compile=True)),
+                 ("cheap, compiled, decode 0.5", compiled_guidance,
+                  dict(through_unet=False, compile=True, decode_scale=0.5))]
     for name, g, options in rows:
         ms, mem = time_sampling(model, g, size, steps, device, scale=scale, **options)
-        print(f"{'':{len(label)}}  guided ({name}){'':{21 - len(name)}}{ms:9.1f} ms/step (peak {mem:7.0f} MiB) | "
+        print(f"{'':{len(label)}}  guided ({name}){'':{36 - len(name)}}{ms:9.1f} ms/step (peak {mem:7.0f} MiB) | "
               f"{ms / plain_ms:.2f}x the unguided step", flush=True)
 
 

@@ -273,7 +273,7 @@ class DiffusionGenerator(nn.Module):
             prompts). 0 turns it off. Costs ``polish`` UNet calls.
         polish_at: the noise level of the polish, as a fraction (0, 1) of the training timesteps.
         **guidance: :class:`clipguide.diffusion.DiffusionGuidanceConfig` fields (scale, grad_clamp, start, end,
-            through_unet, checkpointing).
+            through_unet, checkpointing, decode_scale).
     """
 
     default_steps = 50

@@ -137,6 +137,39 @@ def test_cheap_gradient_holds_the_output_fixed():
     torch.testing.assert_close(guided - plain, output_correction(-g0 / a.sqrt(), a, "epsilon"), rtol=1e-4, atol=1e-6)
 
 
+def test_decode_scale_guides_on_an_area_averaged_x0():
+    x = torch.rand(1, 3, 16, 16, generator=gen(1)) * 0.6 - 0.3
+    target = torch.rand(1, 3, 8, 8, generator=gen(2))
+    unet, scheduler = tiny_unet()
+    config = DiffusionGuidanceConfig(scale=1.0, grad_clamp=None, x0_clamp=None, through_unet=False, end=1.0,
+                                     decode_scale=0.5)
+    decode = lambda x0: (x0 + 1) / 2
+    wrapper = GuidedForward(unet.forward, scheduler, Quadratic(target), decode, config)
+    with torch.no_grad():
+        plain, guided = unet(x, 300).sample, wrapper(x, 300).sample
+    assert wrapper.last_images.shape == (1, 3, 8, 8)
+    # by hand: x0, each 2 x 2 block averaged, decoded, its loss differentiated back to every x0 pixel
+    a = alpha_bar(scheduler.alphas_cumprod, 300, 1)
+    x0 = predict_x0(plain, x, a, "epsilon").requires_grad_()
+    blocks = x0.reshape(1, 3, 8, 2, 8, 2).mean(dim=(3, 5))
+    g0, = torch.autograd.grad((decode(blocks) - target).pow(2).sum(), x0)
+    assert (g0 != 0).all()
+    torch.testing.assert_close(guided - plain, output_correction(-g0 / a.sqrt(), a, "epsilon"), rtol=1e-4, atol=1e-6)
+
+
+def test_decode_scale_is_checked_and_one_decodes_at_full_size():
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ClipguideError, match="decode_scale must be in"):
+            DiffusionGuidanceConfig(decode_scale=bad)
+    x = torch.rand(1, 3, 16, 16, generator=gen(1))
+    unet, scheduler = tiny_unet()
+    wrapper = GuidedForward(unet.forward, scheduler, Quadratic(torch.zeros(1, 3, 16, 16)), decoder_for(None),
+                            DiffusionGuidanceConfig(end=1.0, decode_scale=1.0))
+    with torch.no_grad():
+        wrapper(x, 300)
+    assert wrapper.last_images.shape == (1, 3, 16, 16)
+
+
 def test_grad_clamp_bounds_the_rms_of_the_step():
     x = torch.rand(2, 3, 16, 16, generator=gen(1))
     unet, scheduler = tiny_unet()
@@ -302,6 +335,10 @@ def test_latent_pipeline_with_cfg_runs_guided_through_attach(tiny_sd, perceptor)
     assert not tiny_sd.unet.is_gradient_checkpointing
     assert handle.guided.last_images.shape == (1, 3, 16, 16)    # x0 of the CFG-combined prediction, decoded
     assert np.isfinite(steered).all() and not np.array_equal(steered, reference)
+    with attach(tiny_sd, guidance, scale=500.0, decode_scale=0.5) as handle:   # 4 x 4 latents into the decoder
+        cheaper = run()
+    assert handle.guided.last_images.shape == (1, 3, 8, 8)
+    assert np.isfinite(cheaper).all() and not np.array_equal(cheaper, reference)
 
 
 # ------------------------------------------------------------------------------------------------ guide()
