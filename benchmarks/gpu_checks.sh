@@ -31,9 +31,9 @@ check() {  # NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to $OUT
     echo "   [$name: rc $rc, $((SECONDS - start)) s]"
 }
 
+check diffusion  220 python3 benchmarks/diffusion_step.py --steps 10 --compile --only b
 check train-b32   60 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20
 check paths       60 python3 benchmarks/cuda_paths.py
-check diffusion  160 python3 benchmarks/diffusion_step.py --steps 10 --compile --only b
 check vqgan      100 python3 benchmarks/vqgan_step.py --steps 10 --compile
 check train-b32c 120 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 10 --compile
 check train-tiny  30 python3 benchmarks/train_throughput.py --model shapes-tiny --batch-size 256 --precision bf16 --steps 20
