@@ -86,3 +86,9 @@ def test_bad_retry_settings_raise_before_sampling(perceptor, kwargs, match):
 def test_retries_need_a_positive_prompt(perceptor):
     with pytest.raises(ClipguideError, match="every prompt here is negative"):
         guide("blurry:-1", clip=perceptor, steps=1, size=32, cutn=2, retries=1, accept_score=50.0)
+
+
+@pytest.mark.parametrize("name", GENERATORS.names())
+def test_every_backend_answers_default_retries(name):
+    retries = GENERATORS.get(name).default_retries()
+    assert isinstance(retries, int) and retries >= 0
