@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -233,7 +234,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             history.append(losses)
             images = view(images)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['total']:.4f}")
+            if math.isfinite(losses["total"]):   # unguided diffusion steps report NaN: keep the last guided loss
+                bar.set_postfix(loss=f"{losses['total']:.4f}")
             if writer is not None:
                 writer(len(history), images)
             if callback is not None:

@@ -664,3 +664,12 @@ def test_bad_models_and_options_are_named_before_sampling(perceptor, tiny_diffus
                                                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), DDIMScheduler())
     with pytest.raises(ClipguideError, match="conditional"):
         DiffusionGenerator(1, 16, 16, generator=gen(), model=conditional)
+
+
+def test_progress_bar_shows_the_last_guided_loss_never_nan(perceptor, tiny_diffusion_path, capsys):
+    # 4 DDPM steps: the first two are guided (guidance ends at 0.6 of the way), the last two report NaN losses
+    result = guide("a red circle", backend="diffusion", clip=perceptor, steps=4, size=16, cutn=2, progress=True,
+                   backend_options={"model": str(tiny_diffusion_path)})
+    assert math.isnan(result.losses[-1]["total"]) and math.isfinite(result.losses[0]["total"])
+    err = capsys.readouterr().err
+    assert "loss=" in err and "nan" not in err
