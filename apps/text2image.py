@@ -253,8 +253,8 @@ def validate(prompt: Any, negative: Any = "", backend: Any = "pixels", steps: An
     """Check every input on the server and return the :class:`Settings` to run, or raise ``gr.Error``.
 
     ``steps`` / ``size`` / ``retries`` None mean the backend's defaults (capped by ``limits``); ``random_seed`` draws a
-    fresh seed (which the returned settings carry, so the UI can show it). Options that do not apply to the chosen backend
-    (``lr`` for diffusion, ``scale`` and ``scheduler`` otherwise) are dropped.
+    fresh seed (which the returned settings carry, so the UI can show it). Options that do not apply to the chosen
+    backend (``lr`` for diffusion, ``scale`` and ``scheduler`` otherwise) are dropped.
     """
     backends = find_backends() if backends is None else backends
     clip_choices = local_clip_models() if clip_choices is None else list(clip_choices)

@@ -239,7 +239,8 @@ class GuidedForward:
     Call it exactly like the UNet's forward; it returns the same kind of output. ``cfg_scale()`` returns the
     classifier-free guidance weight w when the batch is [uncond, cond] (None otherwise): the loss is then taken on
     x0 of ``uncond + w * (cond - uncond)``, and the same correction is added to both halves. After each guided call,
-    ``last_images`` holds the decoded x0 [B, 3, H, W] (at ``decode_scale`` of full size) and ``last_terms`` the guidance's per-image loss terms.
+    ``last_images`` holds the decoded x0 [B, 3, H, W] (at ``decode_scale`` of full size) and ``last_terms`` the
+    guidance's per-image loss terms.
     """
 
     def __init__(self, forward: Callable, scheduler: Any, guidance: CLIPGuidance,
