@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from core_clip.model import is_clip_score
 from core_clip.preprocess import Images, as_image_batch, open_image
 
 from .determinism import deterministic
@@ -81,8 +82,7 @@ def _retry_policy(retries: Optional[int], accept_score: Optional[float], factory
                   prompts: Sequence[Prompt], perceptor: Perceptor) -> tuple[int, float]:
     """(retries, the CLIP score a picture must reach to be kept) from guide()'s arguments; see :func:`guide`."""
     model = perceptor.members[0].model
-    if accept_score is not None and (isinstance(accept_score, bool) or not isinstance(accept_score, (int, float))
-                                     or not 0 <= accept_score <= 100):
+    if accept_score is not None and not is_clip_score(accept_score):
         raise ClipguideError(f"accept_score must be a CLIP score in [0, 100], got {accept_score!r}")
     threshold = model.match_score if accept_score is None else float(accept_score)
     positive = any(p.weight > 0 for p in prompts)

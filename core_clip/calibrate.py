@@ -10,7 +10,6 @@ from the model itself. :func:`match_score` measures it on held-out pairs of the 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from .checkpoint import save_json
 from .data import build_dataset
 from .errors import CoreClipError
-from .model import ClipModel, resolve
+from .model import ClipModel, is_clip_score, resolve
 from .score import clip_score
 
 
@@ -51,7 +50,7 @@ def match_score(model: ClipModel, data: str, *, n: int = 2000, quantile: float =
 def record_match_score(name: str, score: float) -> Path:
     """Write ``score`` (rounded to 0.01) as ``match_score`` into the json config that ``core_clip.load(name)``
     reads, keeping every other entry; atomic. Only local models (a path or a shipped name) have such a file."""
-    if not (isinstance(score, (int, float)) and math.isfinite(score) and 0 <= score <= 100):
+    if not is_clip_score(score):
         raise CoreClipError(f"a match score is a CLIP score in [0, 100], got {score!r}")
     path = resolve(name).config_file
     if path is None:

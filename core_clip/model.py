@@ -47,6 +47,11 @@ DEFAULT_MODEL = "shapes"  # the shipped ShapesWorld CLIP: what the CLI and guida
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def is_clip_score(value: object) -> bool:
+    """Whether ``value`` is a number in [0, 100] (not a bool, not NaN): the range of ``100 * max(cos, 0)``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model: open_clip's ``model_cfg`` and ``preprocess_cfg`` (the layout of
@@ -76,7 +81,7 @@ class ModelConfig:
             tokenizer = {"type": "hf", "path": hf_name} if hf_name else {"type": "open_clip"}
             tokenizer["context_length"] = text_cfg.get("context_length", 77)
         match_score = obj.get("match_score")
-        if match_score is not None and not (isinstance(match_score, (int, float)) and 0 <= match_score <= 100):
+        if match_score is not None and not is_clip_score(match_score):
             raise CheckpointError(f"{source}: match_score must be a number in [0, 100], got {match_score!r}")
         return cls(model_cfg, preprocess_cfg, tokenizer, obj.get("arch"), match_score)
 
