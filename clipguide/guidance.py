@@ -140,6 +140,12 @@ class CLIPGuidance:
             emb = self.perceptor.encode_views(index, views).mean(0)
         return emb / emb.norm()
 
+    def reseed(self, seed: int) -> None:
+        """Restart the cutouts' and augmentations' random stream from ``seed`` and forget the last distances: from
+        here on it judges exactly as a new CLIPGuidance with that seed would, without encoding the prompts again."""
+        self.generator.manual_seed(seed)
+        self.last_distances = None
+
     # ------------------------------------------------------------------- loss
 
     def per_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -206,18 +206,21 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     retries, accept = _retry_policy(retries, accept_score, factory, options, all_prompts, perceptor)
     init = _init_tensor(init_image, width, height, perceptor.device)
 
-    def prepare(attempt_seed: int, count: int) -> tuple[CLIPGuidance, object, torch.Generator]:
-        """The guidance, a backend making ``count`` pictures, and its generator, all seeded ``attempt_seed``."""
-        guidance = CLIPGuidance(all_prompts, perceptor, seed=attempt_seed, **guidance_options)
+    guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
+
+    def prepare(attempt_seed: int, count: int) -> tuple[object, torch.Generator]:
+        """A backend making ``count`` pictures and its generator, seeded ``attempt_seed``."""
         generator = torch.Generator(perceptor.device).manual_seed(attempt_seed)
         backend_impl = factory(count, height, width, generator=generator, init=init, **options)
         if compile:
             backend_impl.compile_decode()
-        return guidance, backend_impl, generator
+        return backend_impl, generator
 
-    def draw(prepared: tuple, on_step: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prepared backend's pictures [count, 3, H, W] in [0, 1] and their CLIP scores [count]."""
-        guidance, backend_impl, generator = prepared
+    def draw(attempt_seed: int, prepared: tuple, on_step: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prepared backend's pictures [count, 3, H, W] in [0, 1], guided with cutouts seeded ``attempt_seed``,
+        and their CLIP scores [count]."""
+        backend_impl, generator = prepared
+        guidance.reseed(attempt_seed)
         with deterministic(perceptor.device):
             pictures = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
         return pictures, guidance.clip_score(pictures)
@@ -243,7 +246,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
         return on_step
 
     try:
-        images, scores = draw(first, reporter(lambda x: x))
+        images, scores = draw(seed, first, reporter(lambda x: x))
         attempts = [1] * batch
         for i in range(batch):
             for k in range(1, retries + 1):
@@ -252,7 +255,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
                 bar.total += steps
                 bar.refresh()
                 view = lambda x, i=i: torch.cat([images[:i], x, images[i + 1:]])  # noqa: E731
-                picture, score = draw(prepare(retry_seed(seed, i, k), 1), reporter(view))
+                attempt_seed = retry_seed(seed, i, k)
+                picture, score = draw(attempt_seed, prepare(attempt_seed, 1), reporter(view))
                 attempts[i] += 1
                 if score[0] > scores[i]:
                     images[i], scores[i] = picture[0], score[0]
