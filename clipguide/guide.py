@@ -208,10 +208,10 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
 
     guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
 
-    def prepare(attempt_seed: int, count: int) -> tuple[object, torch.Generator]:
+    def prepare(attempt_seed: int, count: int, settings: dict) -> tuple[object, torch.Generator]:
         """A backend making ``count`` pictures and its generator, seeded ``attempt_seed``."""
         generator = torch.Generator(perceptor.device).manual_seed(attempt_seed)
-        backend_impl = factory(count, height, width, generator=generator, init=init, **options)
+        backend_impl = factory(count, height, width, generator=generator, init=init, **settings)
         if compile:
             backend_impl.compile_decode()
         return backend_impl, generator
@@ -225,7 +225,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             pictures = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
         return pictures, guidance.clip_score(pictures)
 
-    first = prepare(seed, batch)  # bad settings fail here, before any progress is shown
+    first = prepare(seed, batch, options)  # bad settings fail here, before any progress is shown
+    retry_options = {**options, **first[0].shared_options()}
     history: list[dict] = []
     writer = _Frames(frames, frame_every) if frames is not None else None
     bar = tqdm(total=steps, desc=f"guide {backend}", disable=not progress, leave=False)
@@ -256,7 +257,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
                 bar.refresh()
                 view = lambda x, i=i: torch.cat([images[:i], x, images[i + 1:]])  # noqa: E731
                 attempt_seed = retry_seed(seed, i, k)
-                picture, score = draw(attempt_seed, prepare(attempt_seed, 1), reporter(view))
+                picture, score = draw(attempt_seed, prepare(attempt_seed, 1, retry_options), reporter(view))
                 attempts[i] += 1
                 if score[0] > scores[i]:
                     images[i], scores[i] = picture[0], score[0]

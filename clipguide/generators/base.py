@@ -8,7 +8,8 @@ so ``guide()`` never branches on the kind of backend. Every backend class also a
 ``native_size(**options) -> (width, height)`` (the size guide() uses when none is asked for), ``default_steps`` and
 ``default_retries(**options)`` (how often guide() redraws a picture that its CLIP scores below a true pair), and its
 instances ``compile_decode()``, which compiles the differentiable map that guidance back-propagates through
-(``guide(compile=True)`` calls it).
+(``guide(compile=True)`` calls it), and ``shared_options()``, the options that let a new instance use the models this
+one loaded (guide() builds each retry's backend with them, so weights are read from disk once per call).
 Optimisation backends (pixels, fourier, vqgan) subclass :class:`OptimisedGenerator`, which implements ``sample`` as
 Adam on ``parameters()`` through ``decode()``; sampling backends (diffusion) implement ``sample`` themselves.
 """
@@ -106,6 +107,10 @@ class OptimisedGenerator(nn.Module):
     def decode(self) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1], differentiable with respect to ``parameters()``."""
         raise NotImplementedError
+
+    def shared_options(self) -> dict:
+        """Options that make another instance share the models this one loaded; {}: it loads none."""
+        return {}
 
     def constrain(self) -> None:
         """Called without gradient after every optimiser step, to project the parameters back where they are valid."""

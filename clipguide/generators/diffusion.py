@@ -347,6 +347,10 @@ class DiffusionGenerator(nn.Module):
         true pair, and a fresh seed usually fixes it. 0 at scale 0, where samples are not steered by CLIP."""
         return 2 if scale > 0 else 0
 
+    def shared_options(self) -> dict:
+        """The loaded unet, scheduler config and decoder, for another instance to sample from."""
+        return {"model": self.model}
+
     def compile_decode(self) -> None:
         """Compile the decoder that guidance back-propagates through (the VAE's, for latent models) when sampling;
         previews and the final decode stay eager."""

@@ -57,6 +57,10 @@ class VQGANGenerator(OptimisedGenerator):
         self.register_buffer("z_max", codes.max(dim=0).values.view(1, -1, 1, 1))
         self.lr = lr
 
+    def shared_options(self) -> dict:
+        """The loaded (frozen) VQGAN, for another instance to steer."""
+        return {"model": self.vqgan}
+
     def decode(self) -> torch.Tensor:
         z_q = self.vqgan.quantize_st(self.z)[0]
         # the decoder runs under bf16 autocast on CUDA (code lookup stays fp32: argmin over near-equal distances)

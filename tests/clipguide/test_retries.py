@@ -92,3 +92,19 @@ def test_retries_need_a_positive_prompt(perceptor):
 def test_every_backend_answers_default_retries(name):
     retries = GENERATORS.get(name).default_retries()
     assert isinstance(retries, int) and retries >= 0
+
+
+@pytest.mark.parametrize("backend, module, loader", [("vqgan", "clipguide.vqgan_model", "load_vqgan"),
+                                                     ("diffusion", "clipguide.generators.diffusion", "_load_folder")])
+def test_retries_reuse_the_loaded_model(perceptor, monkeypatch, backend, module, loader):
+    import importlib
+
+    target = importlib.import_module(module)
+    real, loads = getattr(target, loader), []
+    monkeypatch.setattr(target, loader, lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    result = run(perceptor, backend=backend, seed=3, retries=2, accept_score=100.0)
+    assert result.attempts == [3] and len(loads) == 1
+    # sharing the model changes nothing: the kept picture is the best plain run of the three seeds
+    drawn = [run(perceptor, backend=backend, seed=s, retries=0) for s in (3, retry_seed(3, 0, 1), retry_seed(3, 0, 2))]
+    best = max(drawn, key=lambda d: d.clip_score[0])
+    assert torch.equal(result.tensor, best.tensor)
