@@ -3,8 +3,10 @@
     python -m clipguide.train_vqgan --out runs/vqgan
     python -m clipguide.train_vqgan --out runs/vqgan-tex --init runs/vqgan/vqgan.safetensors --steps 300 \
         --full-steps 300 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --seed 1
-    cp runs/vqgan-tex/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
-    cp runs/vqgan-tex/vqgan.json clipguide/weights/vqgan-shapes.json
+    python -m clipguide.train_vqgan --out runs/vqgan-blend --init runs/vqgan-tex/vqgan.safetensors --steps 600 \
+        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --seed 2
+    cp runs/vqgan-blend/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
+    cp runs/vqgan-blend/vqgan.json clipguide/weights/vqgan-shapes.json
 
 The network is fully convolutional (no attention), so it trains on random ``--crop`` x ``--crop`` windows of 64 px
 renders, four times cheaper per step than whole pictures; its GroupNorms, though, take statistics over the whole
@@ -15,7 +17,9 @@ steps onto latents of the current batch, so the whole codebook stays in use. ``-
 
 The shipped model then takes 300 more whole-picture steps with ``--texture 1``: the error of neighbour differences
 (:func:`texture_error`), which penalises the faint texture that the oracle rejects on flat colours far more than the
-pixel error does. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
+pixel error does; and 600 more with ``--blend 4`` as well: each pixel's distance from the segment between its
+picture's two colours (:func:`blend_error`), which an anti-aliased edge whose channels change at different places
+is far from. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
 
 Batch i, its crop and its restarts are drawn from (seed, i), so ``--resume`` continues a killed run exactly; the
 model and the optimiser state are written atomically every ``--save-every`` steps.
@@ -49,6 +53,7 @@ class VQGANTrainConfig:
     crop: int = 32
     codes: int = 1024
     texture: float = 0.0
+    blend: float = 0.0
     init: str = ""
     full_steps: int = 700
     lr: float = 3e-3
@@ -77,6 +82,27 @@ def texture_error(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean absolute error of the horizontal and vertical neighbour differences of images [B, C, H, W] (summed over
     the two directions): zero for a constant offset, large for a texture of a few levels on a flat colour."""
     return sum(F.l1_loss(recon.diff(dim=d), target.diff(dim=d)) for d in (-1, -2))
+
+
+def blend_error(recon: torch.Tensor, target: torch.Tensor, border: int = 2) -> torch.Tensor:
+    """Mean distance of each pixel of ``recon`` [B, 3, H, W] from the segment between its target's two colours.
+
+    The target is a ShapesWorld picture (any range): its background is the median of its ``border``-pixel frame and
+    its shape colour the mean of the pixels within 90% of the largest distance from the background. Every pixel of a
+    clean picture, anti-aliased edge included, is a blend of the two, and the oracle reads a shape only when 95% of
+    its pixels are; an edge whose channels change at different places is off that segment however small its pixel
+    error. The distance is smoothed at 0 (sqrt(d^2 + 1e-6)) so its gradient stays finite.
+    """
+    t = border
+    frame = torch.cat([target[..., :t, :].flatten(2), target[..., -t:, :].flatten(2),
+                       target[..., :, :t].flatten(2), target[..., :, -t:].flatten(2)], dim=2)
+    bg = frame.median(dim=2).values[..., None, None]                               # [B, 3, 1, 1]
+    dist2 = (target - bg).square().sum(1, keepdim=True)
+    far = (dist2 >= 0.81 * dist2.amax(dim=(2, 3), keepdim=True)).float()
+    axis = (target * far).sum((2, 3), keepdim=True) / far.sum((2, 3), keepdim=True) - bg
+    along = ((recon - bg) * axis).sum(1, keepdim=True) / axis.square().sum(1, keepdim=True).clamp_min(1e-6)
+    off = recon - bg - along.clamp(0, 1) * axis
+    return (off.square().sum(1) + 1e-6).sqrt().mean()
 
 
 def _crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -123,7 +149,11 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         z_q, codebook_loss, picks = model.quantize_st(z)
         recon = model.decode(z_q)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        loss = rec + codebook_loss + (cfg.texture * texture_error(recon, x) if cfg.texture else 0)
+        loss = rec + codebook_loss
+        if cfg.texture:
+            loss = loss + cfg.texture * texture_error(recon, x)
+        if cfg.blend:
+            loss = loss + cfg.blend * blend_error(recon, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -4,7 +4,7 @@ import torch
 
 from clipguide import train_vqgan
 from clipguide.errors import ClipguideError
-from clipguide.train_vqgan import SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, texture_error
+from clipguide.train_vqgan import SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, blend_error, texture_error
 from clipguide.vqgan_model import VQGAN, VQGANConfig
 from core_clip import CheckpointError
 from core_clip.checkpoint import read_state_dict
@@ -26,7 +26,8 @@ def test_dead_codes_move_onto_batch_latents_and_live_codes_stay():
 
 def test_a_crashed_run_resumes_exactly(crash_and_resume):
     straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 4, steps=6, batch_size=2, save_every=3,
-                                         restart_every=2, warmup=1, eval_images=0, full_steps=2, codes=16)
+                                         restart_every=2, warmup=1, eval_images=0, full_steps=2, codes=16,
+                                         texture=1.0, blend=1.0)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["quantize.embedding.weight"].shape == (16, 32)
@@ -54,6 +55,25 @@ def test_texture_error_is_blind_to_offsets_and_counts_each_step_twice():
     bump[0, 0, 1, 1] = 0.6
     # the bump makes two of the six horizontal and two of the six vertical differences 0.6 in size
     torch.testing.assert_close(texture_error(bump, target), torch.tensor(2 * 2 * 0.6 / 6))
+
+
+def test_blend_error_is_the_distance_from_the_segment_between_the_two_colours():
+    bg, fg = torch.tensor([0.2, 0.3, 0.4]), torch.tensor([0.8, 0.1, 0.4])
+    target = bg.view(1, 3, 1, 1).repeat(1, 1, 8, 8)
+    target[0, :, 3:6, 3:6] = fg.view(3, 1, 1)
+    target[0, :, 3, 6] = (bg + fg) / 2                       # an anti-aliased edge pixel
+    floor = 1e-3                                             # sqrt(0 + 1e-6): every pixel on the segment
+    torch.testing.assert_close(blend_error(target, target), torch.tensor(floor))
+    along = target.clone()
+    along[0, :, 0, 0] = bg + 0.3 * (fg - bg)                 # another blend: still on the segment
+    torch.testing.assert_close(blend_error(along, target), torch.tensor(floor))
+    off = target.clone()
+    off[0, 2, 4, 4] += 0.3                                   # blue is the same in both colours: 0.3 off the segment
+    beyond = target.clone()
+    beyond[0, :, 4, 5] = fg + 0.5 * (fg - bg)                # past the shape colour: its distance from fg
+    for image, distance in ((off, 0.3), (beyond, 0.5 * float((fg - bg).norm()))):
+        expected = (63 * floor + (distance ** 2 + 1e-6) ** 0.5) / 64
+        torch.testing.assert_close(blend_error(image, target), torch.tensor(expected))
 
 
 def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsys):
