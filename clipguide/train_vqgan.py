@@ -5,8 +5,12 @@
         --full-steps 300 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --seed 1
     python -m clipguide.train_vqgan --out runs/vqgan-blend --init runs/vqgan-tex/vqgan.safetensors --steps 600 \
         --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --seed 2
-    cp runs/vqgan-blend/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
-    cp runs/vqgan-blend/vqgan.json clipguide/weights/vqgan-shapes.json
+    python -m clipguide.train_vqgan --out runs/vqgan-outline --init runs/vqgan-blend/vqgan.safetensors --steps 600 \
+        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --seed 3
+    python -m clipguide.train_vqgan --out runs/vqgan-shape --init runs/vqgan-outline/vqgan.safetensors --steps 600 \
+        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --shape-blend 0.3 --seed 4
+    cp runs/vqgan-shape/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
+    cp runs/vqgan-shape/vqgan.json clipguide/weights/vqgan-shapes.json
 
 The network is fully convolutional (no attention), so it trains on random ``--crop`` x ``--crop`` windows of 64 px
 renders, four times cheaper per step than whole pictures; its GroupNorms, though, take statistics over the whole
@@ -19,7 +23,11 @@ The shipped model then takes 300 more whole-picture steps with ``--texture 1``: 
 (:func:`texture_error`), which penalises the faint texture that the oracle rejects on flat colours far more than the
 pixel error does; and 600 more with ``--blend 4`` as well: each pixel's distance from the segment between its
 picture's two colours (:func:`blend_error`), which an anti-aliased edge whose channels change at different places
-is far from. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
+is far from; then 600 with ``--outline 4``, the error of the shape's sharpened coverage in units of the picture's
+contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
+then 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels (:func:`shape_blend_error`:
+the share the oracle tests, which a small shape's edge fails unseen by the whole-picture mean). ``--init PATH``
+starts a run from a saved VQGAN of the same architecture.
 
 Batch i, its crop and its restarts are drawn from (seed, i), so ``--resume`` continues a killed run exactly; the
 model and the optimiser state are written atomically every ``--save-every`` steps.
@@ -38,6 +46,7 @@ from tqdm.auto import tqdm
 from core_clip import shapes
 from core_clip.checkpoint import atomic_write, load_strict, read_state_dict
 
+from .generators.base import clamp_with_grad
 from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
@@ -54,6 +63,8 @@ class VQGANTrainConfig:
     codes: int = 1024
     texture: float = 0.0
     blend: float = 0.0
+    outline: float = 0.0
+    shape_blend: float = 0.0
     init: str = ""
     full_steps: int = 700
     lr: float = 3e-3
@@ -84,25 +95,70 @@ def texture_error(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return sum(F.l1_loss(recon.diff(dim=d), target.diff(dim=d)) for d in (-1, -2))
 
 
+def _two_colours(target: torch.Tensor, border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ShapesWorld picture's background (the median of its ``border``-pixel frame) and the axis from it to its shape
+    colour (the mean of the pixels within 90% of the largest distance from the background), each [B, 3, 1, 1]."""
+    t = border
+    frame = torch.cat([target[..., :t, :].flatten(2), target[..., -t:, :].flatten(2),
+                       target[..., :, :t].flatten(2), target[..., :, -t:].flatten(2)], dim=2)
+    bg = frame.median(dim=2).values[..., None, None]
+    dist2 = (target - bg).square().sum(1, keepdim=True)
+    far = (dist2 >= 0.81 * dist2.amax(dim=(2, 3), keepdim=True)).float()
+    return bg, (target * far).sum((2, 3), keepdim=True) / far.sum((2, 3), keepdim=True) - bg
+
+
+def _coverage(x: torch.Tensor, bg: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """Where each pixel of ``x`` [B, 3, H, W] lies along ``bg + alpha * axis`` (0: background, 1: shape colour),
+    unclamped, [B, 1, H, W]."""
+    return ((x - bg) * axis).sum(1, keepdim=True) / axis.square().sum(1, keepdim=True).clamp_min(1e-6)
+
+
 def blend_error(recon: torch.Tensor, target: torch.Tensor, border: int = 2) -> torch.Tensor:
     """Mean distance of each pixel of ``recon`` [B, 3, H, W] from the segment between its target's two colours.
 
-    The target is a ShapesWorld picture (any range): its background is the median of its ``border``-pixel frame and
-    its shape colour the mean of the pixels within 90% of the largest distance from the background. Every pixel of a
+    The target is a ShapesWorld picture (any range; its colours as :func:`_two_colours` finds them). Every pixel of a
     clean picture, anti-aliased edge included, is a blend of the two, and the oracle reads a shape only when 95% of
     its pixels are; an edge whose channels change at different places is off that segment however small its pixel
     error. The distance is smoothed at 0 (sqrt(d^2 + 1e-6)) so its gradient stays finite.
     """
-    t = border
-    frame = torch.cat([target[..., :t, :].flatten(2), target[..., -t:, :].flatten(2),
-                       target[..., :, :t].flatten(2), target[..., :, -t:].flatten(2)], dim=2)
-    bg = frame.median(dim=2).values[..., None, None]                               # [B, 3, 1, 1]
-    dist2 = (target - bg).square().sum(1, keepdim=True)
-    far = (dist2 >= 0.81 * dist2.amax(dim=(2, 3), keepdim=True)).float()
-    axis = (target * far).sum((2, 3), keepdim=True) / far.sum((2, 3), keepdim=True) - bg
-    along = ((recon - bg) * axis).sum(1, keepdim=True) / axis.square().sum(1, keepdim=True).clamp_min(1e-6)
-    off = recon - bg - along.clamp(0, 1) * axis
-    return (off.square().sum(1) + 1e-6).sqrt().mean()
+    return _off_segment(recon, *_two_colours(target, border)).mean()
+
+
+def shape_blend_error(recon: torch.Tensor, target: torch.Tensor, border: int = 2) -> torch.Tensor:
+    """:func:`blend_error` over each target's shape and its 1-pixel rim only (the pixels more than 0.1 of its
+    contrast from its background, dilated), averaged per picture, then over the batch.
+
+    The oracle's test is the share of a shape's own pixels that are off the segment, so a small shape, a few percent
+    of the picture, fails it with errors that :func:`blend_error`'s mean over the whole picture hardly sees.
+    """
+    bg, axis = _two_colours(target, border)
+    inside = (_coverage(target, bg, axis) > 0.1).float()
+    region = F.max_pool2d(inside, 3, stride=1, padding=1)[:, 0]                           # [B, H, W]
+    return ((_off_segment(recon, bg, axis) * region).sum((1, 2)) / region.sum((1, 2)).clamp_min(1)).mean()
+
+
+def _off_segment(x: torch.Tensor, bg: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """Distance [B, H, W] of each pixel of ``x`` from the segment from ``bg`` to ``bg + axis``, smoothed at 0."""
+    off = x - bg - _coverage(x, bg, axis).clamp(0, 1) * axis
+    return (off.square().sum(1) + 1e-6).sqrt()
+
+
+def outline_error(recon: torch.Tensor, target: torch.Tensor, border: int = 2) -> torch.Tensor:
+    """Mean absolute difference between the sharpened shape coverage of ``recon`` and of ``target`` [B, 3, H, W].
+
+    Coverage is the position of each pixel along the segment between the target's two colours (0 background, 1
+    shape), so the error is measured in units of the picture's own contrast: a shape whose colour is close to its
+    background's weighs as much as one far from it, unlike in the pixel error. Sharpening, ``clamp(2 (a - 0.5) +
+    0.5, 0, 1)``, is the oracle's, which fits shapes to the coverage's 0.5 level line: an error there, at a small
+    triangle's corners say, counts double, and one far inside or outside the shape counts only when it crosses into
+    the edge band. The clamp of ``recon``'s coverage passes the gradients that lead back into [0, 1].
+    """
+    bg, axis = _two_colours(target, border)
+
+    def sharpened(x: torch.Tensor) -> torch.Tensor:
+        return 2 * (_coverage(x, bg, axis) - 0.5) + 0.5
+
+    return (clamp_with_grad(sharpened(recon)) - sharpened(target).clamp(0, 1)).abs().mean()
 
 
 def _crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -154,6 +210,10 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
             loss = loss + cfg.texture * texture_error(recon, x)
         if cfg.blend:
             loss = loss + cfg.blend * blend_error(recon, x)
+        if cfg.outline:
+            loss = loss + cfg.outline * outline_error(recon, x)
+        if cfg.shape_blend:
+            loss = loss + cfg.shape_blend * shape_blend_error(recon, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -4,7 +4,8 @@ import torch
 
 from clipguide import train_vqgan
 from clipguide.errors import ClipguideError
-from clipguide.train_vqgan import SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, blend_error, texture_error
+from clipguide.train_vqgan import (SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, blend_error, outline_error,
+                                    shape_blend_error, texture_error)
 from clipguide.vqgan_model import VQGAN, VQGANConfig
 from core_clip import CheckpointError
 from core_clip.checkpoint import read_state_dict
@@ -27,7 +28,7 @@ def test_dead_codes_move_onto_batch_latents_and_live_codes_stay():
 def test_a_crashed_run_resumes_exactly(crash_and_resume):
     straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 4, steps=6, batch_size=2, save_every=3,
                                          restart_every=2, warmup=1, eval_images=0, full_steps=2, codes=16,
-                                         texture=1.0, blend=1.0)
+                                         texture=1.0, blend=1.0, outline=1.0, shape_blend=1.0)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["quantize.embedding.weight"].shape == (16, 32)
@@ -74,6 +75,50 @@ def test_blend_error_is_the_distance_from_the_segment_between_the_two_colours():
     for image, distance in ((off, 0.3), (beyond, 0.5 * float((fg - bg).norm()))):
         expected = (63 * floor + (distance ** 2 + 1e-6) ** 0.5) / 64
         torch.testing.assert_close(blend_error(image, target), torch.tensor(expected))
+
+
+def test_shape_blend_error_averages_over_each_shape_and_its_rim():
+    bg, fg = torch.tensor([0.2, 0.3, 0.4]), torch.tensor([0.8, 0.1, 0.4])
+    target = bg.view(1, 3, 1, 1).repeat(2, 1, 8, 8)
+    target[0, :, 3:5, 3:5] = fg.view(3, 1, 1)               # picture 0: a 2x2 shape, a 4x4 region with its rim
+    target[1, :, 1:7, 1:7] = fg.view(3, 1, 1)               # picture 1: a 6x6 shape, the whole 8x8 picture
+    floor = 1e-3                                             # sqrt(0 + 1e-6)
+    torch.testing.assert_close(shape_blend_error(target, target), torch.tensor(floor))
+    recon = target.clone()
+    recon[:, 2, 2, 2] += 0.3                                 # on each rim, 0.3 off the segment (blue is shared)
+    recon[0, 2, 7, 7] += 0.3                                 # outside picture 0's region: not counted
+    per_picture = [(15 * floor + (0.09 + 1e-6) ** 0.5) / 16, (63 * floor + (0.09 + 1e-6) ** 0.5) / 64]
+    torch.testing.assert_close(shape_blend_error(recon, target), torch.tensor(sum(per_picture) / 2))
+    # the whole-picture mean weighs every error of picture 0 at 1/64, its rim error at a quarter of the above
+    torch.testing.assert_close(blend_error(recon[:1], target[:1]), torch.tensor((62 * floor + 2 * 0.3) / 64),
+                               atol=1e-5, rtol=0)
+
+
+def test_outline_error_compares_sharpened_coverage_in_units_of_the_pictures_contrast():
+    bg, fg = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.6, 0.5, 0.5])   # a low-contrast pair: 0.1 apart
+    target = bg.view(1, 3, 1, 1).repeat(1, 1, 8, 8)
+    target[0, :, 2:6, 2:6] = fg.view(3, 1, 1)
+    assert outline_error(target, target) == 0
+    recon = target.clone()
+    recon[0, 0, 2, 2] = 0.57          # coverage 0.7 -> sharpened 0.9: 0.1 short of the target's 1
+    recon[0, 0, 0, 0] = 0.52          # coverage 0.2 -> sharpened 0 (clamped), as the background's: no error
+    recon[0, 0, 7, 7] = 0.545         # coverage 0.45 -> sharpened 0.4 where the target has 0
+    recon[0, 1, 4, 4] = 0.9           # off the colour axis: coverage unchanged, no error
+    torch.testing.assert_close(outline_error(recon, target), torch.tensor((0.1 + 0.4) / 64))
+    # the same coverage errors on a pair ten times as far apart give the same value
+    wide = target.clone()
+    wide[0, 0] = 0.5 + (target[0, 0] - 0.5) * 10
+    wide_recon = recon.clone()
+    wide_recon[0, 0] = 0.5 + (recon[0, 0] - 0.5) * 10
+    torch.testing.assert_close(outline_error(wide_recon, wide), torch.tensor((0.1 + 0.4) / 64))
+    # a background pixel pushed far below the background still gets the gradient back towards it; one pushed to
+    # coverage -0.5 where the target is background has no error and no gradient
+    deep = target.clone()
+    deep[0, 0, 3, 3] = 0.3            # inside the shape: coverage -2, sharpened clamped to 0, target 1
+    deep[0, 0, 0, 1] = 0.45           # background: coverage -0.5 -> 0 = target
+    deep.requires_grad_(True)
+    outline_error(deep, target).backward()
+    assert deep.grad[0, 0, 3, 3] < 0 and deep.grad[0, 0, 0, 1] == 0
 
 
 def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsys):
