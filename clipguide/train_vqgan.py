@@ -9,8 +9,10 @@
         --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --seed 3
     python -m clipguide.train_vqgan --out runs/vqgan-shape --init runs/vqgan-outline/vqgan.safetensors --steps 600 \
         --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --shape-blend 0.3 --seed 4
-    cp runs/vqgan-shape/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
-    cp runs/vqgan-shape/vqgan.json clipguide/weights/vqgan-shapes.json
+    python -m clipguide.train_vqgan --out runs/vqgan-shape2 --init runs/vqgan-shape/vqgan.safetensors --steps 600 \
+        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --shape-blend 0.3 --seed 5
+    cp runs/vqgan-shape2/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
+    cp runs/vqgan-shape2/vqgan.json clipguide/weights/vqgan-shapes.json
 
 The network is fully convolutional (no attention), so it trains on random ``--crop`` x ``--crop`` windows of 64 px
 renders, four times cheaper per step than whole pictures; its GroupNorms, though, take statistics over the whole
@@ -25,8 +27,9 @@ pixel error does; and 600 more with ``--blend 4`` as well: each pixel's distance
 picture's two colours (:func:`blend_error`), which an anti-aliased edge whose channels change at different places
 is far from; then 600 with ``--outline 4``, the error of the shape's sharpened coverage in units of the picture's
 contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
-then 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels (:func:`shape_blend_error`:
-the share the oracle tests, which a small shape's edge fails unseen by the whole-picture mean). ``--init PATH``
+then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels
+(:func:`shape_blend_error`: the share the oracle tests, which a small shape's edge fails unseen by the whole-picture
+mean). ``--init PATH``
 starts a run from a saved VQGAN of the same architecture.
 
 Batch i, its crop and its restarts are drawn from (seed, i), so ``--resume`` continues a killed run exactly; the
