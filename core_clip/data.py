@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import shapes
 from .errors import DataError
+from .flaws import render_flawed
 from .preprocess import IMAGE_SUFFIXES, Preprocess, as_image_batch, open_image
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -114,6 +115,10 @@ _BLUR_RADIUS = 2  # px; the blur's sigma is drawn in [0.5, 1] px
 _PERMUTATION_STREAM, _CONTENT_STREAM, _AUGMENT_STREAM = 1, 2, 3
 
 Attributes = frozenset[tuple[str, str]]  # (attribute, value) pairs: what an image shows or a caption says
+# The caption of pictures that show nothing a real caption names (guidance negatives, flawed ShapesWorld pictures),
+# and what it claims: true of those pictures only.
+NULL_CAPTION = "an unclear picture"
+UNCLEAR: Attributes = frozenset({("picture", "unclear")})
 
 
 def _torch_generator(*key: int) -> torch.Generator:
@@ -313,10 +318,14 @@ class ShapesPairs(PairDataset):
     With ``twins``, every odd item shows a :func:`core_clip.shapes.counterfactual` of the scene of the item before
     it (colours swapped, or one attribute changed); the loader keeps each pair in one batch (``group = 2``), so
     every picture meets a caption that differs from its own only in what goes with what.
+
+    With ``flaws`` = p, each item is, with probability p, its scene drawn with one flaw
+    (:func:`core_clip.flaws.render_flawed`: an off-palette colour, an uneven fill, a blob, noise or a second shape)
+    and captioned NULL_CAPTION; its facts are UNCLEAR and what the flaw leaves true of the scene.
     """
 
     def __init__(self, n: int, seed: int, split: str = "train", image_size: int = 64,
-                 augment: Augment | None = None, twins: bool = False):
+                 augment: Augment | None = None, twins: bool = False, flaws: float = 0.0):
         super().__init__(image_size, augment, seed)
         if split not in shapes.SPLITS:
             raise DataError(f"unknown ShapesWorld split {split!r}; expected one of {shapes.SPLITS}")
@@ -326,6 +335,9 @@ class ShapesPairs(PairDataset):
             raise DataError(f"ShapesWorld image size must be >= 8, got {image_size}")
         if twins and n % 2:
             raise DataError(f"ShapesWorld twins come in pairs: samples per epoch must be even, got {n}")
+        if not 0 <= flaws <= 1:
+            raise DataError(f"ShapesWorld flaws is a probability in [0, 1], got {flaws}")
+        self.flaws = flaws
         self.n = n
         self.split = split
         self.twins = twins
@@ -348,6 +360,9 @@ class ShapesPairs(PairDataset):
 
     def _sample(self, i: int, rng: np.random.Generator) -> Sample:
         scene = self._draw_scene(i, rng)
+        if self.flaws and rng.random() < self.flaws:
+            flawed = render_flawed(scene, self.image_size, rng)
+            return Sample(as_image_batch(flawed.image)[0].contiguous(), NULL_CAPTION, flawed.facts | UNCLEAR, UNCLEAR)
         image = as_image_batch(shapes.render(scene, self.image_size, rng))[0].contiguous()  # not a HWC view
         caption, claims = shapes.caption_with_claims(scene, rng)
         return Sample(image, caption, shapes.scene_facts(scene), claims)
@@ -379,7 +394,7 @@ class DigitsPairs(PairDataset):
 
 
 def build_dataset(data: str, *, split: str, image_size: int, seed: int, augment: Augment | None,
-                  n: int | None = None, twins: bool = False) -> PairDataset:
+                  n: int | None = None, twins: bool = False, flaws: float = 0.0) -> PairDataset:
     """The dataset named by ``data``.
 
     "shapes" -> :class:`ShapesPairs` with n samples per epoch (default SHAPES_TRAIN_SIZE for train,
@@ -387,14 +402,17 @@ def build_dataset(data: str, *, split: str, image_size: int, seed: int, augment:
     :class:`FilePairs` of its rows; an existing folder -> :class:`FilePairs` of its captioned images. File datasets
     have no splits (``split`` is not used; give validation its own CSV or folder). ``n`` is the epoch length of
     generated data: fixed-size datasets (digits, files) ignore it. ``twins``: ShapesWorld's counterfactual pairs
-    (see :class:`ShapesPairs`); other data has no attributes to make them from.
+    (see :class:`ShapesPairs`); other data has no attributes to make them from. ``flaws``: the share of ShapesWorld
+    items drawn flawed and captioned NULL_CAPTION (see :class:`ShapesPairs`).
     """
     if twins and data != "shapes":
         raise DataError(f"twins are made from ShapesWorld scenes; {data!r} has none")
+    if flaws and data != "shapes":
+        raise DataError(f"flawed pictures are drawn from ShapesWorld scenes; {data!r} has none")
     if data == "shapes":
         if n is None:
             n = SHAPES_TRAIN_SIZE if split == "train" else SHAPES_EVAL_SIZE
-        return ShapesPairs(n, seed, split, image_size, augment, twins)
+        return ShapesPairs(n, seed, split, image_size, augment, twins, flaws)
     if data == "digits":
         return DigitsPairs(split, image_size, augment, seed)
     if data.lower().endswith(".csv"):

@@ -19,13 +19,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import Attributes, Augment, Batch
+from .data import NULL_CAPTION, UNCLEAR, Augment, Batch
 from .errors import CoreClipError
 from .model import ClipModel
-
-# What a climbed image "shows" and what the null caption "claims": nothing a real image or caption has.
-NEGATIVE: Attributes = frozenset({("negative", "guidance")})
-
 
 @dataclass(frozen=True)
 class NegativeConfig:
@@ -46,7 +42,7 @@ class NegativeConfig:
     step_size: float = 0.02
     restart: float = 0.05
     grids: tuple[float, ...] = (0.25, 0.5, 1.0)
-    caption: str = "an unclear picture"
+    caption: str = NULL_CAPTION
 
     def __post_init__(self) -> None:
         for name in ("count", "steps", "buffer"):
@@ -144,7 +140,7 @@ class NegativeBuffer:
             tokens = torch.cat([tokens, tokenizer(captions).to(tokens.device)])
         return replace(batch, images=torch.cat([batch.images.to(negatives.device), negatives]),
                        captions=[*batch.captions, *captions], tokens=tokens,
-                       facts=[*batch.facts, *[NEGATIVE] * k], claims=[*batch.claims, *[NEGATIVE] * k])
+                       facts=[*batch.facts, *[UNCLEAR] * k], claims=[*batch.claims, *[UNCLEAR] * k])
 
 
 def _noise_images(n: int, side: int, generator: torch.Generator) -> torch.Tensor:

@@ -173,6 +173,45 @@ def _jitter_color(name: str, rng: np.random.Generator | None) -> np.ndarray:
     return rgb
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one scene is drawn at one size: colours float32 [3] in 0..255, centroid (cx, cy) and extent in pixels."""
+
+    fg: np.ndarray
+    bg: np.ndarray
+    cx: float
+    cy: float
+    extent: float
+
+
+def layout(scene: Scene, size: int, rng: np.random.Generator | None = None) -> Layout:
+    """The colours and geometry :func:`render` draws ``scene`` with (jittered by ``rng``; None: nominal)."""
+    fg = _jitter_color(scene.color, rng)
+    bg = _jitter_color(scene.background, rng)
+    extent = EXTENTS[scene.size]
+    cx, cy = ANCHORS[scene.position]
+    if rng is not None:
+        extent += rng.uniform(-1, 1) * _EXTENT_JITTER[scene.size]
+        cx, cy = np.array([cx, cy]) + rng.uniform(-_CENTROID_JITTER, _CENTROID_JITTER, 2)
+    return Layout(fg, bg, cx * size, cy * size, extent * size)
+
+
+def coverage(shape: str, cx: float, cy: float, extent: float, size: int) -> np.ndarray:
+    """Anti-aliased coverage float32 [size, size] in [0, 1] of a shape with area centroid (cx, cy) and extent in
+    pixels."""
+    alpha = np.zeros((size, size), np.float32)
+    crop, box = _coverage(shape, cx, cy, extent, size, size, _supersample(size))
+    alpha[box] = crop
+    return alpha
+
+
+def compose(alpha: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Blend a shape colour over a background by coverage: alpha [S, S] in [0, 1]; fg, bg: colours [3] or colour
+    fields [S, S, 3] in 0..255. Returns uint8 [S, S, 3] (rounded, clipped to 0..255)."""
+    image = bg + alpha[..., None] * (fg - bg)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
 def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None) -> np.ndarray:
     """Render a scene as a uint8 image [size, size, 3].
 
@@ -186,18 +225,8 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     if not isinstance(size, (int, np.integer)) or size < 8:
         raise ShapesError(f"image size must be an integer >= 8, got {size!r}")
     size = int(size)
-    fg = _jitter_color(scene.color, rng)
-    bg = _jitter_color(scene.background, rng)
-    extent = EXTENTS[scene.size]
-    cx, cy = ANCHORS[scene.position]
-    if rng is not None:
-        extent += rng.uniform(-1, 1) * _EXTENT_JITTER[scene.size]
-        cx, cy = np.array([cx, cy]) + rng.uniform(-_CENTROID_JITTER, _CENTROID_JITTER, 2)
-    alpha, box = _coverage(scene.shape, cx * size, cy * size, extent * size, size, size, _supersample(size))
-    image = np.empty((size, size, 3), np.uint8)
-    image[:] = np.rint(bg).astype(np.uint8)
-    image[box] = np.rint(bg + alpha[..., None] * (fg - bg)).astype(np.uint8)
-    return image
+    lay = layout(scene, size, rng)
+    return compose(coverage(scene.shape, lay.cx, lay.cy, lay.extent, size), lay.fg, lay.bg)
 
 
 def render_batch(scenes: Sequence[Scene], size: int = 64, seed: int | None = 0) -> np.ndarray:

@@ -44,7 +44,7 @@ STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
                      "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start",
-                     "twins")
+                     "twins", "flaws")
 
 
 @dataclass
@@ -79,6 +79,9 @@ class TrainConfig:
     twins: bool = field(default=False, metadata={
         "help": "shapes: every picture shares its batch with a counterfactual twin (colours swapped or one attribute "
                 "changed), hard negatives for what goes with what"})
+    flaws: float = field(default=0.0, metadata={
+        "help": "shapes: the share of pictures drawn with one flaw (off-palette colour, uneven fill, blob, noise, a "
+                "second shape) and captioned as unclear, so that guidance cannot stop on near misses (0: off)"})
     negatives: int = field(default=0, metadata={
         "help": "guidance negatives per micro-batch: images climbed towards captions under the model itself, "
                 "trained as matching only a null caption, so that CLIP guidance finds real pictures (0: off)"})
@@ -214,7 +217,8 @@ class Trainer:
 
         augment = Augment() if cfg.augment else None
         self.dataset = build_dataset(cfg.data, split="train", image_size=self.model.image_size, seed=cfg.seed,
-                                     augment=augment, n=cfg.samples_per_epoch, twins=cfg.twins)
+                                     augment=augment, n=cfg.samples_per_epoch, twins=cfg.twins,
+                                     flaws=cfg.flaws)
         micro_batches = batches_per_epoch(len(self.dataset), cfg.batch_size, self.dist.world_size)
         self.steps_per_epoch = micro_batches // cfg.accum_steps
         if self.steps_per_epoch == 0:

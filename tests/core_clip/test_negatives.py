@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core_clip.data import positives
+from core_clip.data import NULL_CAPTION, positives
 from core_clip.errors import CoreClipError
 from core_clip.negatives import NegativeBuffer, NegativeConfig, _on_grid
 from core_clip.train import Trainer, TrainError
@@ -73,15 +73,17 @@ def test_coarse_grids_keep_only_coarse_gradients():
     assert roughness(four) < 0.2 * roughness(grad)
 
 
-def test_training_with_negatives_resumes_exactly(tmp_path):
-    cfg = _cfg(tmp_path / "straight", negatives=4, negative_steps=1, negative_start=1, max_steps=4, save_every=2)
+def test_training_with_negatives_and_flaws_resumes_exactly(tmp_path):
+    settings = dict(negatives=4, negative_steps=1, negative_start=1, flaws=0.3, max_steps=4, save_every=2)
+    cfg = _cfg(tmp_path / "straight", **settings)
     Trainer(cfg).run()
     straight = _losses(Path(cfg.out))
     assert len(straight) == 4
     state = torch.load(Path(cfg.out) / "checkpoints" / "step_0000004" / "state.pt", weights_only=True)
     assert state["negatives"][0]["images"].shape[0] == NegativeConfig().buffer
+    assert NULL_CAPTION in _first_batch(Trainer(_cfg(tmp_path / "peek", **settings))).captions  # flawed pictures
 
-    resumed = _cfg(tmp_path / "resumed", negatives=4, negative_steps=1, negative_start=1, max_steps=4, save_every=2)
+    resumed = _cfg(tmp_path / "resumed", **settings)
     Trainer(resumed).run()
     checkpoints = Path(resumed.out) / "checkpoints"
     (checkpoints / "latest").write_text("step_0000002\n")  # as if killed after the step-2 checkpoint
