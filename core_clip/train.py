@@ -199,6 +199,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         self.model = load(cfg.model, device=self.device, seed=cfg.seed)
+        # a calibration belongs to the weights it was measured on: a fine-tuned model is calibrated anew
+        self.model.config = replace(self.model.config, match_score=None)
         clip = self.model.clip
         if cfg.lock_image:
             clip.lock_image_tower()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import core_clip
+from core_clip.calibrate import record_match_score
 from core_clip.errors import DataError, ImageReadError
 from core_clip.train import Checkpoints, TrainConfig, Trainer, TrainError, train
 
@@ -191,7 +192,11 @@ def test_adversarial_images_stay_in_the_ball_raise_the_loss_and_are_reproducible
 
 def test_fine_tuning_a_saved_model_with_a_locked_image_tower(tmp_path, tiny_model):
     start = tiny_model.save(tmp_path / "start.safetensors")
+    record_match_score(str(start), 70.0)
     tuned = train(_cfg(tmp_path, model=str(start), lock_image=True, max_steps=2))
+    # the start's calibration does not carry over to the new weights
+    assert core_clip.load(str(start)).match_score == 70.0 and tuned.match_score is None
+    assert core_clip.load(str(tmp_path / "run" / "model.safetensors")).match_score is None
     before = core_clip.load(str(start), device="cpu").clip.state_dict()
     after = tuned.clip.state_dict()
     visual = [k for k in before if k.startswith("visual.")]
