@@ -23,20 +23,21 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from . import shapes
 
 FLAWS: tuple[str, ...] = ("shape_color", "background_color", "uneven", "outline", "texture", "extra")
 _OFF_PALETTE = 50.0   # min RGB distance of an off-palette colour from every palette colour
 _MAX_TRIES = 20
-_PALETTE = np.array(list(shapes.COLORS.values()), dtype=np.float32)
 
 
 def off_palette_color(rng: np.random.Generator) -> np.ndarray:
     """A uniformly random RGB colour float32 [3] in 0..255 at least 50 units from every palette colour."""
     while True:
         rgb = rng.uniform(0, 255, 3).astype(np.float32)
-        if np.linalg.norm(_PALETTE - rgb, axis=1).min() > _OFF_PALETTE:
+        if np.linalg.norm(shapes.PALETTE - rgb, axis=1).min() > _OFF_PALETTE:
             return rgb
 
 
@@ -44,13 +45,9 @@ def _smooth_field(size: int, rng: np.random.Generator, std: float) -> np.ndarray
     """Zero-mean colour variation float32 [size, size, 3]: Gaussian values (std per channel) on a random coarse grid
     of 3 to 8 cells a side, upsampled bilinearly."""
     cells = int(rng.integers(3, 9))
-    coarse = rng.normal(0, std, (cells, cells, 3)).astype(np.float32)
-    at = (np.arange(size, dtype=np.float32) + 0.5) * cells / size - 0.5   # pixel centres in cell coordinates
-    i0 = np.clip(np.floor(at).astype(int), 0, cells - 1)
-    i1 = np.clip(i0 + 1, 0, cells - 1)
-    t = np.clip(at - i0, 0, 1)[:, None]
-    rows = coarse[i0] * (1 - t)[..., None] + coarse[i1] * t[..., None]          # [size, cells, 3]
-    return rows[:, i0] * (1 - t.T)[..., None] + rows[:, i1] * t.T[..., None]
+    coarse = torch.from_numpy(rng.normal(0, std, (cells, cells, 3)).astype(np.float32))
+    field = F.interpolate(coarse.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
+    return field[0].permute(1, 2, 0).numpy()
 
 
 def _blob(lay: shapes.Layout, area: float, size: int, rng: np.random.Generator) -> np.ndarray:

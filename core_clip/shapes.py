@@ -33,6 +33,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
     "black": (20, 20, 20),
 }
+PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # [8, 3], rows in COLORS order
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("center", "left", "right", "top", "bottom")
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
@@ -382,7 +383,6 @@ def counterfactual(scene: Scene, rng: np.random.Generator) -> Scene:
 
 # ------------------------------------------------------------------- oracle
 
-_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 
 
 def _to_planes(image: Any) -> np.ndarray:
@@ -420,7 +420,7 @@ def _sq_dist(planes: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 def _palette_name(rgb: np.ndarray) -> str | None:
-    distances = np.linalg.norm(_PALETTE - rgb, axis=1)
+    distances = np.linalg.norm(PALETTE - rgb, axis=1)
     best = int(distances.argmin())
     return list(COLORS)[best] if distances[best] <= _PALETTE_TOL else None
 

@@ -48,8 +48,7 @@ def test_flaws_are_drawn_uniformly_and_reproducibly():
 def test_off_palette_colours_keep_their_distance():
     rng = np.random.default_rng(0)
     colors = np.stack([off_palette_color(rng) for _ in range(500)])
-    palette = np.array(list(shapes.COLORS.values()), dtype=np.float32)
-    distance = np.linalg.norm(colors[:, None] - palette[None], axis=-1).min(axis=1)
+    distance = np.linalg.norm(colors[:, None] - shapes.PALETTE[None], axis=-1).min(axis=1)
     assert distance.min() > 50 and colors.min() >= 0 and colors.max() <= 255
     assert colors.std(axis=0).min() > 40   # spread over the cube, not stuck in one corner
 
