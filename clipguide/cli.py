@@ -41,15 +41,16 @@ def cmd_generate(args) -> None:
     from .guide import guide
 
     out = Path(args.out)
-    names = ("lr", "scale", "scheduler", "recurrence", "candidates", "finalists", "screen", "polish",
-             "model")
+    names = ("lr", "colors", "palette", "scale", "scheduler", "recurrence", "candidates", "finalists", "screen",
+             "polish", "model")
     backend_options = {k: v for k in names if (v := getattr(args, k)) is not None}
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
                    progress=not args.json, device=args.device, compile=args.compile, retries=args.retries,
                    accept_score=args.accept_score,
-                   **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts)) if v},
+                   **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts),
+                                        ("regularisers", dict(args.regulariser))) if v},
                    backend_options=backend_options)
     # the last guided step's loss: diffusion leaves its last steps (and everything, at scale 0) unguided
     guided = [losses["total"] for losses in result.losses if math.isfinite(losses["total"])]
@@ -87,6 +88,15 @@ def _port(value: str) -> int:
 
 
 _positive_float = float_where(lambda x: 0 < x < math.inf, "a positive number")
+_finite_float = float_where(math.isfinite, "a finite number")
+
+
+def _weighted_name(value: str) -> tuple[str, float]:
+    """NAME=WEIGHT -> (NAME, WEIGHT), WEIGHT finite."""
+    name, sep, weight = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT, got {value!r}")
+    return name, _finite_float(weight)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", help="embedding loss (spherical, cosine, ...)")
     p.add_argument("--cutouts", help="cutout scheme (classic, pooled, disco, ...)")
     p.add_argument("--batch", type=positive_int, default=1, help="images made at once (OUT_0.png, OUT_1.png, ...)")
+    p.add_argument("--regulariser", action="append", default=[], type=_weighted_name, metavar="NAME=WEIGHT",
+                   help="image regulariser and its weight (tv, range, saturation, border, ...); repeatable")
     p.add_argument("--lr", type=_positive_float, help="learning rate of optimisation backends")
+    p.add_argument("--colors", type=int_at_least(2, "an integer >= 2"),
+                   help="pixels backend: flat colour regions per image")
+    p.add_argument("--palette", metavar="NAME|#RRGGBB,...",
+                   help="pixels backend: draw only these colours (a named palette such as 'shapes', or a list)")
     p.add_argument("--scale", type=_positive_float, help="CLIP guidance scale of the diffusion backend")
     p.add_argument("--scheduler", help="diffusion sampler (ddpm, ddim, euler, euler_a, dpm, heun, unipc)")
     p.add_argument("--recurrence", type=positive_int,

@@ -72,11 +72,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--backend-options", type=json.loads, default=None, metavar="JSON",
                         help='options of the backend, e.g. \'{"colors": 2}\'')
+    parser.add_argument("--guidance-options", type=json.loads, default={}, metavar="JSON",
+                        help='guidance settings (GuidanceConfig fields), e.g. \'{"regularisers": {"border": 5}}\'')
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     options = {"steps": args.steps} if args.steps else {}
     if args.backend_options:
         options["backend_options"] = args.backend_options
+    options.update(args.guidance_options)
     start = time.perf_counter()
     report = evaluate(cases(args.held_out, args.backgrounds), backend=args.backend, clip=args.clip, **options)
     if args.json:

@@ -125,6 +125,29 @@ def range_(images: Tensor) -> Tensor:
     return (images - images.clamp(0, 1)).pow(2).mean(dim=(1, 2, 3))
 
 
+def frame_width(height: int, width: int) -> int:
+    """Width in pixels of the frame :func:`border` judges: 1/16 of the shorter side, at least 1."""
+    return max(1, min(height, width) // 16)
+
+
+@IMAGE_LOSSES.register("border")
+def border(images: Tensor) -> Tensor:
+    """Border uniformity: the variance of the colours in the image's frame (its outer :func:`frame_width` pixels on
+    all four sides), per channel, averaged over the 3 channels.
+
+    0 exactly when the frame is one colour; it pulls what the picture shows off the edges, the prior of a centred
+    subject on a plain background. ``images [B, 3, H, W]`` floating, ``H, W >= 2`` -> ``[B]``, ``>= 0``.
+    """
+    _check_images(images)
+    height, width = images.shape[2], images.shape[3]
+    if height < 2 or width < 2:
+        raise ClipguideError(f"border needs images at least 2x2 pixels, got {height}x{width}")
+    w = frame_width(height, width)
+    frame = torch.ones(height, width, dtype=torch.bool, device=images.device)
+    frame[w:height - w, w:width - w] = False
+    return images[..., frame].var(dim=-1, correction=0).mean(dim=1)
+
+
 @IMAGE_LOSSES.register("saturation")
 def saturation(images: Tensor) -> Tensor:
     """Mean over pixels of the population variance of the pixel's 3 channels (its channel std, squared).

@@ -11,7 +11,8 @@ instances ``compile_decode()``, which compiles the differentiable map that guida
 (``guide(compile=True)`` calls it), and ``shared_options()``, the options that let a new instance use the models this
 one loaded (guide() builds each retry's backend with them, so weights are read from disk once per call).
 Optimisation backends (pixels, fourier, vqgan) subclass :class:`OptimisedGenerator`, which implements ``sample`` as
-Adam on ``parameters()`` through ``decode()``; sampling backends (diffusion) implement ``sample`` themselves.
+Adam on ``parameters()`` through ``decode()`` (with ``constrain()`` and ``anneal(progress)`` after each step and
+``finish()`` for the final images); sampling backends (diffusion) implement ``sample`` themselves.
 """
 from __future__ import annotations
 
@@ -115,6 +116,14 @@ class OptimisedGenerator(nn.Module):
     def constrain(self) -> None:
         """Called without gradient after every optimiser step, to project the parameters back where they are valid."""
 
+    def anneal(self, progress: float) -> None:
+        """Called after every optimiser step with ``progress`` = step / steps in (0, 1], for schedules over the run."""
+
+    def finish(self) -> torch.Tensor:
+        """The final images [B, 3, H, W] in [0, 1], called without gradient once optimisation ends; by default
+        :meth:`decode`. A backend whose decode is a relaxation (soft choices) returns the choices made here."""
+        return self.decode()
+
     def compile_decode(self) -> None:
         """Compile :meth:`decode` (see :func:`clipguide.compiling.compiled`); the parameters stay the same tensors.
         Calling it again changes nothing."""
@@ -123,7 +132,8 @@ class OptimisedGenerator(nn.Module):
 
     def sample(self, guidance: CLIPGuidance, steps: int, generator: torch.Generator,
                callback: Optional[StepCallback] = None) -> torch.Tensor:
-        """Minimise ``guidance.loss(decode())`` for ``steps`` Adam steps (fewer if every prompt reaches its stop).
+        """Minimise ``guidance.loss(decode())`` for ``steps`` Adam steps (fewer if every prompt reaches its stop) and
+        return :meth:`finish`'s images.
 
         ``generator`` is unused here: the parameters were drawn at construction and the guidance owns the cutouts'
         randomness. Raises :class:`GuidanceError` naming the step if the loss or a gradient stops being finite.
@@ -145,9 +155,10 @@ class OptimisedGenerator(nn.Module):
             optimizer.step()
             with torch.no_grad():
                 self.constrain()
+            self.anneal(step / steps)
             if callback is not None:
                 callback(step, guidance.summary(terms), images.detach())
             if guidance.done():
                 break
         with torch.no_grad():
-            return self.decode()
+            return self.finish()

@@ -1,14 +1,55 @@
 """``pixels``: the image's colours are the parameters, optionally on a coarser grid and from a small palette."""
 from __future__ import annotations
 
-from typing import Optional
+import math
+import re
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core_clip import shapes
+
 from ..errors import ClipguideError
 from .base import GENERATORS, OptimisedGenerator, check_init, check_size, clamp_with_grad
+
+# Named fixed palettes, RGB 0-255. "shapes": the 8 colours ShapesWorld draws with.
+PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "shapes": tuple(shapes.COLORS.values()),
+}
+
+PaletteLike = Union[str, Sequence[Union[str, Sequence[int]]]]
+
+
+def _colour(item) -> tuple[int, int, int]:
+    """"#rrggbb" / "rrggbb" or an (r, g, b) triple of integers 0-255 -> (r, g, b)."""
+    if isinstance(item, str):
+        if not re.fullmatch(r"#?[0-9a-fA-F]{6}", item.strip()):
+            raise ClipguideError(f"palette colour {item!r} is not #rrggbb")
+        code = item.strip().lstrip("#")
+        return tuple(int(code[i:i + 2], 16) for i in (0, 2, 4))
+    if (not isinstance(item, Sequence) or len(item) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in item)):
+        raise ClipguideError(f"palette colour {item!r} is neither #rrggbb nor three integers 0-255")
+    return tuple(item)
+
+
+def parse_palette(palette: PaletteLike) -> torch.Tensor:
+    """A palette name (:data:`PALETTES`), "#rrggbb,#rrggbb,..." or a sequence of "#rrggbb" / (r, g, b) 0-255 items
+    -> float [M, 3] in [0, 1], M >= 2 distinct colours. ClipguideError names a bad item or an unknown name."""
+    if isinstance(palette, str):
+        if palette in PALETTES:
+            palette = PALETTES[palette]
+        elif "#" in palette or "," in palette:
+            palette = [p for p in palette.split(",") if p.strip()]
+        else:
+            raise ClipguideError(f"unknown palette {palette!r}; named palettes: {', '.join(sorted(PALETTES))} "
+                                 f"(or give colours as '#rrggbb,#rrggbb,...')")
+    colours = list(dict.fromkeys(_colour(c) for c in palette))
+    if len(colours) < 2:
+        raise ClipguideError(f"a palette needs at least 2 distinct colours, got {len(colours)}")
+    return torch.tensor(colours, dtype=torch.float32) / 255
 
 
 def _grid(height: int, width: int, resolution: Optional[int]) -> tuple[int, int]:
@@ -35,28 +76,42 @@ def _kmeans(pixels: torch.Tensor, k: int, generator: torch.Generator, iterations
 class Pixels(OptimisedGenerator):
     """Direct colour parameters on a grid, bilinearly upsampled to [B, 3, H, W].
 
-    Free RGB (``colors=None``): parameters [B, 3, h, w] are the colours.
+    Free RGB (``colors=None``, ``palette=None``): parameters [B, 3, h, w] are the colours.
 
-    Palette (``colors=K``): K colour parameters [B, K, 3] per image and K logits [B, K, h, w] per grid cell; the
-    logits are upsampled and each output pixel takes the softmax(sharpness * logits) mix of the K colours. Edges
-    between regions stay crisp at any grid size and every region is one flat colour, which is what a poster, a
-    logo or a ShapesWorld picture is made of; a CLIP cannot hide texture in it.
+    Regions (``colors=K``): K colours per image and K logits [B, K, h, w] per grid cell; the logits are upsampled
+    and each output pixel takes the softmax(sharpness * logits) mix of the K colours. Edges between regions stay
+    crisp at any grid size and every region is one flat colour, which is what a poster, a logo or a ShapesWorld
+    picture is made of; a CLIP cannot hide texture in it. The K colours are free parameters [B, K, 3], unless a
+    fixed ``palette`` is given:
+
+    Fixed palette (``palette=``): every colour comes from the palette's M colours. With ``colors=K`` each of the K
+    regions chooses its colour among them (choice logits [B, K, M]; the choice is a softmax whose sharpness grows
+    geometrically from ``choice_sharpness[0]`` to ``[1]`` over the run, so it starts as a blend the gradient can
+    move and ends committed); with ``colors=None`` the regions are the M palette colours themselves. The final
+    images make every choice hard (each region's most likely colour, each pixel's most likely region), so they hold
+    palette colours only. A CLIP trained on a few flat colours rates colours between them almost as highly as its
+    own; a fixed palette keeps guidance off them.
 
     Args:
         batch, height, width: output images [batch, 3, height, width].
         generator: draws the random start when there is no ``init``.
-        init: optional float [1 or B, 3, H, W] in [0, 1] to start from (area-downsampled to the grid; with a
-            palette, the colours are its k-means centres and each cell starts on its nearest centre).
+        init: optional float [1 or B, 3, H, W] in [0, 1] to start from (area-downsampled to the grid; with regions,
+            the colours are its k-means centres, snapped to the nearest palette colour when there is one, and each
+            cell starts on its nearest centre).
         resolution: the grid's shorter side (None: full resolution). A coarse grid cannot hold pixel-level texture.
-        colors: palette size K, or None for free RGB.
-        sharpness: how hard each pixel chooses among the palette (the softmax's inverse temperature).
+        colors: number of regions K, or None (free RGB, or one region per palette colour).
+        palette: fixed colours: a name from :data:`PALETTES` ("shapes"), "#rrggbb,#rrggbb,...", or a sequence of
+            "#rrggbb" / (r, g, b) 0-255 items.
+        sharpness: how hard each pixel chooses among the regions (the softmax's inverse temperature).
+        choice_sharpness: (start, end) inverse temperature of each region's choice of palette colour.
         lr: Adam learning rate (the logits are scaled by ``sharpness``, so in softmax units they move that many
             times further per step than the colours do).
     """
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
                  init: Optional[torch.Tensor] = None, resolution: Optional[int] = 16, colors: Optional[int] = None,
-                 sharpness: float = 10.0, lr: float = 0.05):
+                 palette: Optional[PaletteLike] = None, sharpness: float = 10.0,
+                 choice_sharpness: Sequence[float] = (2.0, 40.0), lr: float = 0.05):
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
@@ -66,29 +121,60 @@ class Pixels(OptimisedGenerator):
             raise ClipguideError(f"pixels colors must be an integer >= 2 or None, got {colors!r}")
         if not sharpness > 0:
             raise ClipguideError(f"pixels sharpness must be > 0, got {sharpness}")
+        if (not isinstance(choice_sharpness, Sequence) or len(choice_sharpness) != 2
+                or not all(isinstance(v, (int, float)) and 0 < v < math.inf for v in choice_sharpness)):
+            raise ClipguideError(f"pixels choice_sharpness must be (start, end), both > 0, got {choice_sharpness!r}")
         self.size = (height, width)
         self.sharpness = sharpness
+        self.choice_schedule = tuple(float(v) for v in choice_sharpness)
+        self.choice_sharpness = self.choice_schedule[0]
         self.lr = lr
         grid = _grid(height, width, resolution)
         device = generator.device
         start = None if init is None else F.interpolate(init.to(device).float(), size=grid, mode="area")
-        if colors is None:
+        self.rgb = self.palette = self.logits = self.choice = None
+        if palette is not None:
+            self.register_buffer("fixed", parse_palette(palette).to(device))
+        else:
+            self.fixed = None
+        if colors is None and self.fixed is None:
             if start is None:
                 start = 0.5 + 0.1 * torch.randn(batch, 3, *grid, generator=generator, device=device)
             self.rgb = nn.Parameter(start.expand(batch, -1, -1, -1).contiguous())
-            self.palette = self.logits = None
             return
-        self.rgb = None
+        regions = len(self.fixed) if colors is None else colors
         if start is None:
-            palette = torch.rand(batch, colors, 3, generator=generator, device=device)
-            logits = torch.randn(batch, colors, *grid, generator=generator, device=device)
+            if colors is not None and self.fixed is None:
+                self.palette = nn.Parameter(torch.rand(batch, colors, 3, generator=generator, device=device))
+            elif colors is not None:
+                choice = 0.1 * torch.randn(batch, colors, len(self.fixed), generator=generator, device=device)
+                self.choice = nn.Parameter(choice)
+            logits = torch.randn(batch, regions, *grid, generator=generator, device=device)
         else:
             cells = start[0].flatten(1).T                                       # [h * w, 3]
-            palette = _kmeans(cells, colors, generator)[None].expand(batch, -1, -1)
-            nearest = torch.cdist(cells, palette[0]).argmin(dim=1)
-            logits = F.one_hot(nearest, colors).T.reshape(1, colors, *grid).float().expand(batch, -1, -1, -1)
-        self.palette = nn.Parameter(palette.contiguous())
+            centres = self.fixed if colors is None else _kmeans(cells, colors, generator)
+            if colors is not None and self.fixed is not None:
+                nearest_colour = torch.cdist(centres, self.fixed).argmin(dim=1)
+                centres = self.fixed[nearest_colour]
+                # logits this far apart make the starting blend (sharpness >= 1) pick the snapped colour
+                choice = 8.0 * F.one_hot(nearest_colour, len(self.fixed)).float()
+                self.choice = nn.Parameter(choice[None].expand(batch, -1, -1).contiguous())
+            elif colors is not None:
+                self.palette = nn.Parameter(centres[None].expand(batch, -1, -1).contiguous())
+            nearest = torch.cdist(cells, centres).argmin(dim=1)
+            logits = F.one_hot(nearest, regions).T.reshape(1, regions, *grid).float().expand(batch, -1, -1, -1)
         self.logits = nn.Parameter(logits.contiguous())
+
+    def _colours(self) -> torch.Tensor:
+        """Region colours [B or 1, K, 3] in [0, 1]."""
+        if self.fixed is None:
+            return clamp_with_grad(self.palette)
+        if self.choice is None:
+            return self.fixed[None]
+        return (self.choice_sharpness * self.choice).softmax(dim=-1) @ self.fixed
+
+    def _region_logits(self) -> torch.Tensor:
+        return F.interpolate(self.logits, size=self.size, mode="bilinear", align_corners=False)
 
     def decode(self) -> torch.Tensor:
         if self.rgb is not None:
@@ -96,6 +182,16 @@ class Pixels(OptimisedGenerator):
             if tuple(x.shape[-2:]) != self.size:
                 x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
             return clamp_with_grad(x)
-        logits = F.interpolate(self.logits, size=self.size, mode="bilinear", align_corners=False)
-        weights = (self.sharpness * logits).softmax(dim=1)                      # [B, K, H, W]
-        return torch.einsum("bkhw,bkc->bchw", weights, clamp_with_grad(self.palette))
+        weights = (self.sharpness * self._region_logits()).softmax(dim=1)       # [B, K, H, W]
+        return torch.einsum("bkhw,bkc->bchw", weights, self._colours().expand(len(weights), -1, -1))
+
+    def anneal(self, progress: float) -> None:
+        start, end = self.choice_schedule
+        self.choice_sharpness = start * (end / start) ** progress
+
+    def finish(self) -> torch.Tensor:
+        if self.fixed is None:
+            return self.decode()
+        colours = self.fixed[None] if self.choice is None else self.fixed[self.choice.argmax(dim=-1)]  # [B/1, K, 3]
+        region = F.one_hot(self._region_logits().argmax(dim=1), colours.shape[1]).to(colours.dtype)  # [B, H, W, K]
+        return torch.einsum("bhwk,bkc->bchw", region, colours.expand(len(region), -1, -1))

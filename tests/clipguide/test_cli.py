@@ -54,6 +54,17 @@ def test_generate_loss_and_cutouts_flags(capsys, tmp_path):
     assert code == 0, err
 
 
+def test_generate_palette_and_regulariser_flags(capsys, tmp_path):
+    from core_clip import shapes
+
+    code, out, err = generate(capsys, "a red circle on a blue background", "--steps", "3", "--cutn", "2",
+                              "--colors", "2", "--palette", "shapes", "--regulariser", "border=5",
+                              "--regulariser", "tv=0.5", "--out", str(tmp_path / "x.png"), "--json")
+    assert code == 0, err
+    colours = {c for _, c in Image.open(tmp_path / "x.png").convert("RGB").getcolors(64 * 64)}
+    assert colours <= set(shapes.COLORS.values()) and 1 <= len(colours) <= 2
+
+
 def test_generate_batch_writes_numbered_files(capsys, tmp_path):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--cutn", "1", "--batch", "2",
                               "--out", str(tmp_path / "x.png"), "--json")
@@ -96,6 +107,13 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--retries", "-1"], "--retries"),
     (["--accept-score", "101"], "expected a CLIP score in [0, 100], got 101"),
     (["--clip", "shapes-tiny", "--retries", "1"], "no calibrated match_score"),
+    (["--palette", "pico"], "unknown palette 'pico'"),
+    (["--palette", "#ff0000,#00ff0"], "'#00ff0' is not #rrggbb"),
+    (["--colors", "1"], "--colors"),
+    (["--backend", "fourier", "--palette", "shapes"], "backend 'fourier' has no option 'palette'"),
+    (["--regulariser", "tv"], "expected NAME=WEIGHT, got 'tv'"),
+    (["--regulariser", "tv=nan"], "expected a finite number"),
+    (["--regulariser", "nope=1"], "unknown image loss 'nope'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)

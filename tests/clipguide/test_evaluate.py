@@ -1,4 +1,6 @@
 """The ShapesWorld guidance evaluation: its cases, and that the oracle (never CLIP) judges the pictures."""
+import json
+
 import torch
 
 from clipguide import evaluate as ev
@@ -50,3 +52,19 @@ def test_evaluate_judges_with_the_oracle(monkeypatch):
     report = ev.evaluate(cases, progress=False)
     assert report["all"] == 0.0 and report["shape"] == 0.0
     assert report["rows"][0]["reading"]["shape"] is None
+
+
+def test_main_forwards_backend_and_guidance_options(monkeypatch, capsys):
+    seen = []
+
+    def guide(prompt, seed, **kw):
+        seen.append(kw)
+        return _fake_guide(draw_right=True)(prompt, seed)
+
+    monkeypatch.setattr(ev, "guide", guide)
+    monkeypatch.setattr(ev, "cases", lambda held_out=False, backgrounds=2: [ev.Case("red", "circle", "blue")])
+    assert ev.main(["--backend-options", '{"colors": 2}', "--guidance-options", '{"regularisers": {"border": 5}}',
+                    "--steps", "7", "--json"]) == 0
+    assert seen == [{"backend": "pixels", "clip": "shapes", "steps": 7, "backend_options": {"colors": 2},
+                     "regularisers": {"border": 5}}]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["all"] == 1.0

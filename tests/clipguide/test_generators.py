@@ -5,7 +5,8 @@ import torch
 from clipguide import CLIPGuidance, ClipguideError, GENERATORS
 from clipguide.generators import OptimisedGenerator, clamp_with_grad
 from clipguide.generators.fourier import Fourier
-from clipguide.generators.pixels import Pixels
+from clipguide.generators.pixels import PALETTES, Pixels, parse_palette
+from core_clip import shapes
 
 
 def gen(seed=0):
@@ -112,3 +113,89 @@ def test_pixels_palette_init_starts_on_the_init_images_colours():
 def test_pixels_rejects_bad_palette():
     with pytest.raises(ClipguideError, match="colors"):
         Pixels(1, 8, 8, generator=gen(), colors=1)
+
+
+SHAPES_PALETTE = torch.tensor(list(shapes.COLORS.values()), dtype=torch.float32) / 255
+
+
+def only_palette_colours(images: torch.Tensor, palette: torch.Tensor) -> bool:
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
+    return bool((torch.cdist(pixels, palette).min(dim=1).values < 1e-6).all())
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("shapes", SHAPES_PALETTE),
+    ("#ff0000, #00FF80", torch.tensor([[255, 0, 0], [0, 255, 128]]) / 255),
+    ([(0, 0, 0), "ffffff", (0, 0, 0)], torch.tensor([[0.0, 0, 0], [1, 1, 1]])),   # repeats count once
+])
+def test_parse_palette(spec, expected):
+    torch.testing.assert_close(parse_palette(spec), expected.float())
+    assert set(PALETTES) >= {"shapes"}
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("pico", "unknown palette 'pico'; named palettes: shapes"),
+    ("#ff0000,#12345", "'#12345' is not #rrggbb"),
+    ([(0, 0, 256), (1, 1, 1)], r"\(0, 0, 256\) is neither"),
+    ([(0, 0, 0.5), (1, 1, 1)], "is neither"),
+    (["#000000"], "at least 2 distinct colours, got 1"),
+])
+def test_parse_palette_rejects(spec, match):
+    with pytest.raises(ClipguideError, match=match):
+        parse_palette(spec)
+
+
+def test_fixed_palette_regions_blend_then_commit_to_palette_colours():
+    backend = Pixels(3, 32, 32, generator=gen(), colors=2, palette="shapes", resolution=8)
+    assert {n for n, _ in backend.named_parameters()} == {"choice", "logits"}   # no free colours to learn
+    soft = backend.decode()
+    assert soft.shape == (3, 3, 32, 32) and not only_palette_colours(soft, SHAPES_PALETTE)
+    final = backend.finish()
+    assert only_palette_colours(final, SHAPES_PALETTE)
+    for image, choice in zip(final, backend.choice):
+        chosen = SHAPES_PALETTE[choice.argmax(dim=-1)]                            # each region's likeliest colour
+        assert {tuple(p) for p in image.flatten(1).T.tolist()} <= {tuple(c) for c in chosen.tolist()}
+    # each pixel takes its likeliest region: where region 0's logit leads, the pixel is region 0's colour
+    lead = backend._region_logits()[:, 0] > backend._region_logits()[:, 1]
+    assert torch.equal(final.permute(0, 2, 3, 1)[lead], SHAPES_PALETTE[backend.choice[:, 0].argmax(-1)]
+                       [:, None, None].expand(-1, 32, 32, -1)[lead])
+
+
+def test_fixed_palette_choice_sharpens_geometrically_over_the_run():
+    backend = Pixels(1, 16, 16, generator=gen(), colors=2, palette="shapes", choice_sharpness=(2.0, 50.0))
+    backend.anneal(0.0)
+    assert backend.choice_sharpness == pytest.approx(2.0)
+    backend.anneal(0.5)
+    assert backend.choice_sharpness == pytest.approx(10.0)
+    colours = backend._colours()
+    backend.anneal(1.0)
+    assert backend.choice_sharpness == pytest.approx(50.0)
+    # sharper choice: each region's colour moves onto its likeliest palette colour
+    target = SHAPES_PALETTE[backend.choice.argmax(-1)]
+    assert (backend._colours() - target).norm() < (colours - target).norm()
+
+
+def test_fixed_palette_without_colors_uses_every_palette_colour_as_a_region():
+    backend = Pixels(2, 16, 16, generator=gen(), palette="#ff0000,#0000ff,#ffffff", resolution=4)
+    assert backend.logits.shape == (2, 3, 4, 4) and backend.choice is None
+    assert only_palette_colours(backend.finish(), parse_palette("#ff0000,#0000ff,#ffffff"))
+
+
+def test_fixed_palette_init_snaps_the_init_images_colours_to_the_palette():
+    init = torch.zeros(1, 3, 32, 32)
+    init[:] = torch.tensor([25, 25, 15]).view(3, 1, 1) / 255                  # near ShapesWorld black
+    init[:, :, 8:24, 8:24] = torch.tensor([210, 40, 30]).view(3, 1, 1) / 255   # near ShapesWorld red
+    expected = torch.zeros_like(init)
+    expected[:] = SHAPES_PALETTE[7].view(3, 1, 1)
+    expected[:, :, 8:24, 8:24] = SHAPES_PALETTE[0].view(3, 1, 1)
+    for colors in (2, None):
+        out = Pixels(1, 32, 32, generator=gen(), init=init, colors=colors, palette="shapes", resolution=16).finish()
+        assert torch.equal(out, expected)
+
+
+def test_guide_with_a_fixed_palette_returns_palette_colours_only(perceptor):
+    from clipguide.guide import guide
+
+    result = guide("a red circle", clip=perceptor, steps=4, cutn=2, size=32, regularisers={"border": 1.0},
+                   backend_options={"colors": 2, "palette": "shapes", "resolution": 8})
+    assert only_palette_colours(result.tensor, SHAPES_PALETTE)

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from clipguide.errors import ClipguideError, UnknownNameError
-from clipguide.losses import EMBEDDING_LOSSES, IMAGE_LOSSES, stop_below
+from clipguide.losses import EMBEDDING_LOSSES, IMAGE_LOSSES, frame_width, stop_below
 
 spherical = EMBEDDING_LOSSES.get("spherical")
 cosine = EMBEDDING_LOSSES.get("cosine")
 tv = IMAGE_LOSSES.get("tv")
 range_loss = IMAGE_LOSSES.get("range")
 saturation = IMAGE_LOSSES.get("saturation")
+border = IMAGE_LOSSES.get("border")
 
 PI = math.pi
 
@@ -172,10 +173,31 @@ def test_saturation_hand_values() -> None:
     torch.testing.assert_close(saturation(images), reference, rtol=1e-12, atol=0)
 
 
+def test_border_hand_values() -> None:
+    # 4x4 image: the frame is the 12 outer pixels (width 1); channel 0 has one lit frame pixel -> variance
+    # 1/12 - (1/12)^2 = 11/144; channel 1 is lit only inside (not seen); channel 2 is 0.5 on the frame -> 0
+    image = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    image[0, 0, 0, 3] = 1.0
+    image[0, 1, 1:3, 1:3] = 1.0
+    image[0, 2] = 0.5
+    torch.testing.assert_close(border(image), torch.tensor([11 / 144 / 3], dtype=torch.float64))
+    # 64 px: a 4 px frame; a centred square leaves it uniform, the same square touching the edge does not
+    picture = torch.zeros(2, 3, 64, 64, dtype=torch.float64)
+    picture[0, :, 16:48, 16:48] = 1.0
+    picture[1, :, 0:32, 16:48] = 1.0
+    assert frame_width(64, 64) == 4 and frame_width(20, 3) == 1
+    assert border(picture)[0] == 0
+    frame = torch.ones(64, 64, dtype=torch.bool)
+    frame[4:60, 4:60] = False
+    p = picture[1, 0][frame].mean()                                   # lit frame pixels: 4 rows x 32 of 64^2 - 56^2
+    torch.testing.assert_close(border(picture)[1], p * (1 - p))
+    assert p == 128 / 960
+
+
 def test_image_losses_zero_cases_have_finite_zero_gradients() -> None:
     constant = torch.full((2, 3, 4, 5), 0.3, dtype=torch.float64)
     grey = _randn(2, 1, 4, 5, seed=16).sigmoid().expand(2, 3, 4, 5)
-    for loss, image in ((tv, constant), (range_loss, grey), (saturation, grey)):
+    for loss, image in ((tv, constant), (range_loss, grey), (saturation, grey), (border, constant)):
         x = image.clone().requires_grad_()
         value = loss(x)
         # zero up to the rounding of a mean of equal values
@@ -186,16 +208,17 @@ def test_image_losses_zero_cases_have_finite_zero_gradients() -> None:
     assert bool((tv(grey) > 0).all())
     assert bool((range_loss(grey + 1.5) > 0).all())
     assert bool((saturation(_randn(2, 3, 4, 5, seed=17).sigmoid()) > 0).all())
+    assert bool((border(grey) > 0).all())
 
 
-@pytest.mark.parametrize("name", ["tv", "range", "saturation"])
+@pytest.mark.parametrize("name", ["tv", "range", "saturation", "border"])
 def test_image_loss_gradcheck(name: str) -> None:
     images = (_randn(2, 3, 4, 5, seed=18) * 0.8 + 0.5).requires_grad_()  # some values outside [0, 1]
     assert bool(((images < 0) | (images > 1)).any())
     assert torch.autograd.gradcheck(IMAGE_LOSSES.get(name), (images,))
 
 
-@pytest.mark.parametrize("name", ["tv", "range", "saturation"])
+@pytest.mark.parametrize("name", ["tv", "range", "saturation", "border"])
 @pytest.mark.parametrize(
     ("images", "match"),
     [
@@ -209,9 +232,10 @@ def test_image_loss_bad_input(name: str, images: torch.Tensor, match: str) -> No
         IMAGE_LOSSES.get(name)(images)
 
 
-def test_tv_needs_two_pixels_each_way() -> None:
+@pytest.mark.parametrize("loss", [tv, border])
+def test_needs_two_pixels_each_way(loss) -> None:
     with pytest.raises(ClipguideError, match="at least 2x2 pixels, got 1x4"):
-        tv(torch.ones(1, 3, 1, 4))
+        loss(torch.ones(1, 3, 1, 4))
 
 
 # ---- stop_below ---------------------------------------------------------------------------------------------------
@@ -269,7 +293,7 @@ def test_registries_hold_the_losses() -> None:
     # other modules may register more losses: check that ours are there and that the error lists every name
     for registry, ours, bad in (
         (EMBEDDING_LOSSES, {"spherical", "cosine"}, "sphere"),
-        (IMAGE_LOSSES, {"tv", "range", "saturation"}, "l2"),
+        (IMAGE_LOSSES, {"tv", "range", "saturation", "border"}, "l2"),
     ):
         assert ours <= set(registry.names())
         with pytest.raises(UnknownNameError, match=f"unknown {registry.kind} '{bad}'; choose one of: ") as info:
