@@ -5,6 +5,12 @@
 
 Each prompt is "a {color} {shape} on a {background} background"; an image is fully right when the oracle reads
 that colour, shape and background.
+
+    python -m clipguide.evaluate --backend pixels --from-truth  # start each run from the true picture
+
+``--from-truth`` checks the CLIP rather than the backend: guidance that starts on a true picture of its prompt (a
+large centred shape) should keep it true. A CLIP whose loss does not have its minimum at real pictures moves away
+from them, and then no parameterisation will find them from a random start.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from core_clip import shapes
@@ -45,14 +52,23 @@ def cases(held_out: bool = False, backgrounds: int = 2) -> list[Case]:
     return out
 
 
-def evaluate(case_list: Sequence[Case], *, progress: bool = True, **guide_options) -> dict:
-    """Guide every case with ``guide(case.prompt, seed=i, **guide_options)`` and read the picture with the oracle.
+def true_picture(case: Case, size: int = 64) -> torch.Tensor:
+    """The nominal picture of ``case``: a large centred shape, float [1, 3, size, size] in [0, 1]."""
+    scene = shapes.Scene(case.shape, case.color, case.background, "large", "center")
+    return torch.from_numpy(shapes.render(scene, size)).permute(2, 0, 1)[None].float() / 255
+
+
+def evaluate(case_list: Sequence[Case], *, progress: bool = True, from_truth: bool = False,
+             **guide_options) -> dict:
+    """Guide every case with ``guide(case.prompt, seed=i, **guide_options)`` and read the picture with the oracle;
+    ``from_truth`` starts every run from the case's :func:`true_picture` (``init_image``).
 
     Returns {"n", "color", "background", "shape", "all" (fractions right), "seconds" (mean per image), "rows"}.
     """
     rows = []
     for i, case in enumerate(tqdm(case_list, desc="evaluate", disable=not progress)):
-        result = guide(case.prompt, seed=i, **guide_options)
+        start = {"init_image": true_picture(case)} if from_truth else {}
+        result = guide(case.prompt, seed=i, **guide_options, **start)
         reading = shapes.read(result.tensor[0])
         rows.append({"prompt": case.prompt, "reading": reading, "seconds": result.seconds,
                      "clip_score": result.clip_score[0], "attempts": result.attempts[0],
@@ -74,6 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='options of the backend, e.g. \'{"colors": 2}\'')
     parser.add_argument("--guidance-options", type=json.loads, default={}, metavar="JSON",
                         help='guidance settings (GuidanceConfig fields), e.g. \'{"regularisers": {"border": 5}}\'')
+    parser.add_argument("--from-truth", action="store_true", help="start every run from the true picture")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     options = {"steps": args.steps} if args.steps else {}
@@ -81,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options["backend_options"] = args.backend_options
     options.update(args.guidance_options)
     start = time.perf_counter()
-    report = evaluate(cases(args.held_out, args.backgrounds), backend=args.backend, clip=args.clip, **options)
+    report = evaluate(cases(args.held_out, args.backgrounds), backend=args.backend, clip=args.clip,
+                      from_truth=args.from_truth, **options)
     if args.json:
         print(json.dumps(report))
     else:

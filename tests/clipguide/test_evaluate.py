@@ -33,8 +33,7 @@ def _fake_guide(draw_right):
     def guide(prompt, seed, **kw):
         case = next(c for c in ev.cases() if c.prompt == prompt)
         if draw_right:
-            scene = shapes.Scene(case.shape, case.color, case.background, "large", "center")
-            image = torch.from_numpy(shapes.render(scene, 64)).permute(2, 0, 1)[None].float() / 255
+            image = ev.true_picture(case)
         else:  # the right colours as a half-and-half split: no shape at all
             image = torch.zeros(1, 3, 64, 64)
             image[..., :32] = torch.tensor(shapes.COLORS[case.color]).view(3, 1, 1) / 255
@@ -68,3 +67,20 @@ def test_main_forwards_backend_and_guidance_options(monkeypatch, capsys):
     assert seen == [{"backend": "pixels", "clip": "shapes", "steps": 7, "backend_options": {"colors": 2},
                      "regularisers": {"border": 5}}]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["all"] == 1.0
+
+
+def test_from_truth_starts_each_run_on_the_true_picture(monkeypatch):
+    starts = []
+
+    def guide(prompt, seed, init_image, **kw):   # keeps its start: a CLIP whose minimum is at real pictures
+        starts.append(init_image)
+        return GuideResult(to_pil(init_image)[0], to_pil(init_image), init_image, [], [50.0], 1, 0.1, [1])
+
+    monkeypatch.setattr(ev, "guide", guide)
+    cases = ev.cases()[:3] + ev.cases(held_out=True)[:1]
+    report = ev.evaluate(cases, progress=False, from_truth=True)
+    assert report["all"] == 1.0 and len(starts) == 4
+    for case, start in zip(cases, starts):
+        assert start.shape == (1, 3, 64, 64) and 0 <= start.min() and start.max() <= 1
+        assert shapes.read(start[0]) == {"shape": case.shape, "color": case.color, "background": case.background,
+                                         "position": "center", "size": "large"}
