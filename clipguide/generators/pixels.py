@@ -127,10 +127,11 @@ class Pixels(OptimisedGenerator):
         self.size = (height, width)
         self.sharpness = sharpness
         self.choice_schedule = tuple(float(v) for v in choice_sharpness)
-        self.choice_sharpness = self.choice_schedule[0]
         self.lr = lr
         grid = _grid(height, width, resolution)
         device = generator.device
+        # a tensor, not a float: a compiled decode() reads it instead of being specialised on each step's value
+        self.register_buffer("choice_sharpness", torch.tensor(self.choice_schedule[0], device=device))
         start = None if init is None else F.interpolate(init.to(device).float(), size=grid, mode="area")
         self.rgb = self.palette = self.logits = self.choice = None
         if palette is not None:
@@ -187,7 +188,7 @@ class Pixels(OptimisedGenerator):
 
     def anneal(self, progress: float) -> None:
         start, end = self.choice_schedule
-        self.choice_sharpness = start * (end / start) ** progress
+        self.choice_sharpness.fill_(start * (end / start) ** progress)
 
     def finish(self) -> torch.Tensor:
         if self.fixed is None:

@@ -32,3 +32,17 @@ def test_compile_decode_twice_wraps_once():
     generator.compile_decode()
     assert generator.decode is once
     torch.testing.assert_close(generator.decode(), eager)
+
+
+def test_compiled_palette_decode_follows_the_annealed_choice_without_recompiling():
+    generator = GENERATORS.get("pixels")(2, 32, 32, generator=torch.Generator().manual_seed(0), colors=2,
+                                         palette="shapes", resolution=8)
+    generator.compile_decode()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for progress in (0.0, 0.5, 1.0):
+            generator.anneal(progress)
+            compiled = generator.decode()
+            torch.testing.assert_close(compiled, type(generator).decode(generator))   # the eager method, same state
+    # the choice really sharpened between the calls: the last blend differs from the first one
+    generator.anneal(0.0)
+    assert not torch.allclose(generator.decode(), compiled, atol=1e-3)
