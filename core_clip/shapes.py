@@ -384,7 +384,6 @@ def counterfactual(scene: Scene, rng: np.random.Generator) -> Scene:
 # ------------------------------------------------------------------- oracle
 
 
-
 def _to_planes(image: Any) -> np.ndarray:
     """Convert a PIL image / numpy array / torch tensor to float32 [3, H, W] in 0..255."""
     if type(image).__module__.startswith("PIL."):

@@ -134,10 +134,7 @@ class Pixels(OptimisedGenerator):
         self.register_buffer("choice_sharpness", torch.tensor(self.choice_schedule[0], device=device))
         start = None if init is None else F.interpolate(init.to(device).float(), size=grid, mode="area")
         self.rgb = self.palette = self.logits = self.choice = None
-        if palette is not None:
-            self.register_buffer("fixed", parse_palette(palette).to(device))
-        else:
-            self.fixed = None
+        self.register_buffer("fixed", None if palette is None else parse_palette(palette).to(device))
         if colors is None and self.fixed is None:
             if start is None:
                 start = 0.5 + 0.1 * torch.randn(batch, 3, *grid, generator=generator, device=device)

@@ -115,7 +115,7 @@ def test_pixels_rejects_bad_palette():
         Pixels(1, 8, 8, generator=gen(), colors=1)
 
 
-SHAPES_PALETTE = torch.tensor(list(shapes.COLORS.values()), dtype=torch.float32) / 255
+SHAPES_PALETTE = torch.from_numpy(shapes.PALETTE) / 255
 
 
 def only_palette_colours(images: torch.Tensor, palette: torch.Tensor) -> bool:
