@@ -25,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from core_clip import shapes
+from core_clip.cli import OneLineParser, emit, int_at_least, run
 
+from .errors import ClipguideError
 from .guide import guide
 
 
@@ -44,6 +46,9 @@ def cases(held_out: bool = False, backgrounds: int = 2) -> list[Case]:
     """Colour-shape pairs (seen or held-out), each on ``backgrounds`` background colours chosen by a fixed rotation
     through the palette (never the shape's own colour), so every background appears about equally often."""
     colors = list(shapes.COLORS)
+    if not 1 <= backgrounds < len(colors):
+        raise ClipguideError(f"backgrounds must be 1-{len(colors) - 1} (the colours other than the shape's), "
+                             f"got {backgrounds}")
     pairs = [(c, s) for s in shapes.SHAPES for c in colors if ((c, s) in shapes.HELD_OUT) == held_out]
     out = []
     for i, (color, shape) in enumerate(pairs):
@@ -79,20 +84,17 @@ def evaluate(case_list: Sequence[Case], *, progress: bool = True, from_truth: bo
     return {"n": n, **summary, "seconds": sum(r["seconds"] for r in rows) / n, "rows": rows}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipguide.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="pixels")
-    parser.add_argument("--clip", default="shapes")
-    parser.add_argument("--held-out", action="store_true", help="the held-out colour-shape pairs")
-    parser.add_argument("--backgrounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--backend-options", type=json.loads, default=None, metavar="JSON",
-                        help='options of the backend, e.g. \'{"colors": 2}\'')
-    parser.add_argument("--guidance-options", type=json.loads, default={}, metavar="JSON",
-                        help='guidance settings (GuidanceConfig fields), e.g. \'{"regularisers": {"border": 5}}\'')
-    parser.add_argument("--from-truth", action="store_true", help="start every run from the true picture")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
+def _run(args: argparse.Namespace) -> None:
     options = {"steps": args.steps} if args.steps else {}
     if args.backend_options:
         options["backend_options"] = args.backend_options
@@ -100,17 +102,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     report = evaluate(cases(args.held_out, args.backgrounds), backend=args.backend, clip=args.clip,
                       from_truth=args.from_truth, **options)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for r in report["rows"]:
-            mark = "ok " if all(r["right"].values()) else "   "
-            print(f"{mark}{r['prompt']:45s} -> {r['reading']['color']} {r['reading']['shape']} "
-                  f"on {r['reading']['background']}")
-        print(f"{report['n']} images: colour {report['color']:.0%}, background {report['background']:.0%}, "
-              f"shape {report['shape']:.0%}, all three {report['all']:.0%}; "
-              f"{report['seconds']:.1f} s per image, {time.perf_counter() - start:.0f} s total")
-    return 0
+    lines = [f"{'ok ' if all(r['right'].values()) else '   '}{r['prompt']:45s} -> {r['reading']['color']} "
+             f"{r['reading']['shape']} on {r['reading']['background']}" for r in report["rows"]]
+    lines.append(f"{report['n']} images: colour {report['color']:.0%}, background {report['background']:.0%}, "
+                 f"shape {report['shape']:.0%}, all three {report['all']:.0%}; "
+                 f"{report['seconds']:.1f} s per image, {time.perf_counter() - start:.0f} s total")
+    emit(report, args.json, lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; bad input (an unknown backend or CLIP, bad JSON options) exits 2 with one line."""
+    parser = OneLineParser(prog="python -m clipguide.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="pixels")
+    parser.add_argument("--clip", default="shapes")
+    parser.add_argument("--held-out", action="store_true", help="the held-out colour-shape pairs")
+    parser.add_argument("--backgrounds", type=int_at_least(1, "a positive integer"), default=2)
+    parser.add_argument("--steps", type=int_at_least(1, "a positive integer"), default=None)
+    parser.add_argument("--backend-options", type=_json_object, default=None, metavar="JSON",
+                        help='options of the backend, e.g. \'{"colors": 2}\'')
+    parser.add_argument("--guidance-options", type=_json_object, default={}, metavar="JSON",
+                        help='guidance settings (GuidanceConfig fields), e.g. \'{"regularisers": {"border": 5}}\'')
+    parser.add_argument("--from-truth", action="store_true", help="start every run from the true picture")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(fn=_run)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

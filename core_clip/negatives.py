@@ -32,6 +32,8 @@ class NegativeConfig:
     buffer: persistent chains (each with an image and a target caption).
     step_size: RMS of one ascent step in [0, 1] pixel units.
     restart: probability that a drawn chain starts afresh (from noise or a real image, with a new caption).
+    own: share of restarted chains that start from a true picture of their own caption, so that what guidance
+        does to a real picture (it climbs away from it) is trained against too (0: starts ignore the caption).
     grids: coarse grid sides of the chains' gradients, as fractions of the image side (1.0: full resolution).
     caption: the null caption the climbed images are paired with.
     """
@@ -42,6 +44,7 @@ class NegativeConfig:
     step_size: float = 0.02
     restart: float = 0.05
     grids: tuple[float, ...] = (0.25, 0.5, 1.0)
+    own: float = 0.0
     caption: str = NULL_CAPTION
 
     def __post_init__(self) -> None:
@@ -50,8 +53,9 @@ class NegativeConfig:
                 raise CoreClipError(f"negatives: {name} must be >= 1, got {getattr(self, name)}")
         if self.count > self.buffer:
             raise CoreClipError(f"negatives: count ({self.count}) cannot exceed the buffer ({self.buffer})")
-        if not 0 <= self.restart <= 1:
-            raise CoreClipError(f"negatives: restart is a probability, got {self.restart}")
+        for name in ("restart", "own"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise CoreClipError(f"negatives: {name} is a probability, got {getattr(self, name)}")
         if not self.grids or not all(0 < g <= 1 for g in self.grids):
             raise CoreClipError(f"negatives: grids are fractions in (0, 1], got {self.grids}")
 
@@ -89,17 +93,20 @@ class NegativeBuffer:
     def draw(self, model: ClipModel, batch: Batch) -> torch.Tensor:
         """Climb ``count`` chains a few steps under ``model`` (used in eval mode) and return the climbed images
         float [count, 3, S, S] in [0, 1] on the model's device. Restarted chains take a caption of ``batch`` and
-        start from noise or from one of its images."""
+        start from noise or from one of its images (their own caption's with probability ``own``)."""
         cfg, g = self.cfg, self.generator
         index = torch.randperm(cfg.buffer, generator=g)[: cfg.count]
         restart = torch.rand(cfg.count, generator=g) < cfg.restart
         for k, i in enumerate(index.tolist()):
             if restart[k] or not self.captions[i]:
-                # the caption and the starting picture are drawn independently, so a chain rarely starts on a
-                # picture of its own caption
+                # the caption and the starting picture are drawn independently, so that outside the ``own``
+                # share a chain rarely starts on a picture of its own caption
                 caption, picture = torch.randint(len(batch), (2,), generator=g).tolist()
                 self.captions[i] = batch.captions[caption]
-                from_real = bool(torch.rand((), generator=g) < 0.5)
+                if cfg.own and bool(torch.rand((), generator=g) < cfg.own):
+                    picture, from_real = caption, True
+                else:
+                    from_real = bool(torch.rand((), generator=g) < 0.5)
                 start = batch.images[picture] if from_real else _noise_images(1, self.images.shape[-1], g)[0]
                 self.images[i] = start.cpu()
         images = self.images[index].to(model.device)

@@ -44,7 +44,7 @@ STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
                      "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start",
-                     "twins", "flaws")
+                     "negative_own", "twins", "flaws")
 
 
 @dataclass
@@ -87,6 +87,9 @@ class TrainConfig:
                 "trained as matching only a null caption, so that CLIP guidance finds real pictures (0: off)"})
     negative_steps: int = field(default=4, metadata={"help": "ascent steps per drawn negative and training step"})
     negative_start: int = field(default=0, metadata={"help": "optimiser steps before guidance negatives start"})
+    negative_own: float = field(default=0.0, metadata={
+        "help": "share of fresh negative chains that start on a true picture of the caption they climb towards, so "
+                "that guidance's drift away from real pictures is trained against"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
@@ -242,7 +245,8 @@ class Trainer:
             if not cfg.multi_positive:
                 raise TrainError("--negatives needs multi-positive targets: every climbed image matches every copy "
                                  "of the null caption")
-            self.negatives = NegativeBuffer(NegativeConfig(count=cfg.negatives, steps=cfg.negative_steps),
+            self.negatives = NegativeBuffer(NegativeConfig(count=cfg.negatives, steps=cfg.negative_steps,
+                                                           own=cfg.negative_own),
                                             image_size=self.model.image_size,
                                             seed=(cfg.seed * 1_000_003 + self.dist.rank) % 2**63)
         self.checkpoints = Checkpoints(self.out, cfg.keep_checkpoints)
@@ -264,6 +268,8 @@ class Trainer:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
         if not cfg.lr > 0:
             raise TrainError(f"--lr must be > 0, got {cfg.lr}")
+        if cfg.negative_own and not cfg.negatives:
+            raise TrainError("--negative-own needs --negatives (it chooses where negative chains start)")
         if cfg.precision not in ("fp32", "bf16", "fp16"):
             raise TrainError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
         if cfg.loss not in ("clip", "siglip"):

@@ -84,3 +84,27 @@ def test_from_truth_starts_each_run_on_the_true_picture(monkeypatch):
         assert start.shape == (1, 3, 64, 64) and 0 <= start.min() and start.max() <= 1
         assert shapes.read(start[0]) == {"shape": case.shape, "color": case.color, "background": case.background,
                                          "position": "center", "size": "large"}
+
+
+def test_up_to_seven_backgrounds_each_distinct():
+    cases = ev.cases(held_out=True, backgrounds=7)
+    for color, shape in shapes.HELD_OUT:
+        backgrounds = [c.background for c in cases if (c.color, c.shape) == (color, shape)]
+        assert sorted(backgrounds) == sorted(set(shapes.COLORS) - {color})
+
+
+def test_main_bad_input_exits_2_with_one_line(capsys):
+    for argv, needle in ((["--clip", "/nonexistent/model.safetensors"], "/nonexistent/model.safetensors"),
+                         (["--backend", "nope"], "nope"),
+                         (["--backend-options", "{colors: 2}"], "not JSON"),
+                         (["--guidance-options", "[1]"], "expected a JSON object"),
+                         (["--backgrounds", "8"], "backgrounds must be 1-7"),
+                         (["--steps", "0"], "expected a positive integer")):
+        try:
+            code = ev.main([*argv, "--steps", "1"] if "--steps" not in argv else argv)
+        except SystemExit as e:   # argparse's own errors
+            code = e.code
+        assert code == 2, argv
+        err = capsys.readouterr().err.strip()   # after the progress bar, if the error came in the first run
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("python -m clipguide.evaluate: error:")
+        assert needle in err.splitlines()[-1], (argv, err)

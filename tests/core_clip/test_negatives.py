@@ -61,6 +61,22 @@ def test_climbed_images_match_only_the_null_caption(tmp_path):
     assert not pos[:n, n:].any() and not pos[n:, :n].any() and pos[n:, n:].all()
 
 
+def test_own_chains_start_on_a_true_picture_of_their_caption(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, augment=False))
+    model, batch = trainer.model, _first_batch(trainer)
+    cfg = NegativeConfig(count=8, steps=1, buffer=8, restart=1.0, own=1.0, step_size=0.0)
+    buffer = NegativeBuffer(cfg, image_size=model.image_size, seed=5)
+    buffer.draw(model, batch)
+    for start, caption in zip(buffer.images, buffer.captions):   # by buffer slot
+        assert any(torch.equal(start, image) for image, c in zip(batch.images, batch.captions) if c == caption)
+    # without own, the same draw starts most chains on noise or on pictures of other captions
+    buffer = NegativeBuffer(replace(cfg, own=0.0), image_size=model.image_size, seed=5)
+    buffer.draw(model, batch)
+    own = [any(torch.equal(start, image) for image, c in zip(batch.images, batch.captions) if c == caption)
+           for start, caption in zip(buffer.images, buffer.captions)]
+    assert sum(own) <= 2
+
+
 def test_coarse_grids_keep_only_coarse_gradients():
     grad = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_on_grid(grad, 16), grad)
@@ -98,3 +114,7 @@ def test_bad_negative_settings_are_refused(tmp_path):
         Trainer(_cfg(tmp_path / "b", negatives=-1))
     with pytest.raises(CoreClipError, match="cannot exceed the buffer"):
         NegativeConfig(count=9, buffer=8)
+    with pytest.raises(CoreClipError, match="own is a probability"):
+        NegativeConfig(own=1.5)
+    with pytest.raises(TrainError, match="--negative-own needs --negatives"):
+        Trainer(_cfg(tmp_path / "c", negative_own=0.5))
