@@ -67,6 +67,7 @@ class VQGANTrainConfig:
     blend: float = 0.0
     outline: float = 0.0
     shape_blend: float = 0.0
+    frame: float = 0.0
     init: str = ""
     full_steps: int = 700
     lr: float = 3e-3
@@ -163,6 +164,19 @@ def outline_error(recon: torch.Tensor, target: torch.Tensor, border: int = 2) ->
     return (clamp_with_grad(sharpened(recon)) - sharpened(target).clamp(0, 1)).abs().mean()
 
 
+def frame_error(recon: torch.Tensor, target: torch.Tensor, width: int = 3) -> torch.Tensor:
+    """Mean absolute error [] of images [B, C, H, W] over their outer ``width``-pixel frame only.
+
+    The oracle reads a background only when 95% of the picture's 2-pixel frame is within 12/255 of its median, and a
+    convolutional decoder errs most at the picture's edge (zero padding), more so around a large shape, whose area
+    shifts the GroupNorm statistics: a tenth of the picture's pixels, the frame hardly moves the whole-picture mean.
+    """
+    inner = torch.zeros_like(target[:1, :1])
+    inner[..., width:-width, width:-width] = 1
+    frame = 1 - inner
+    return ((recon - target).abs() * frame).sum() / (frame.sum() * target.shape[0] * target.shape[1])
+
+
 def _crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """One random size x size window (the same for the whole batch) of images [B, 3, H, W]."""
     if size >= x.shape[-1]:
@@ -216,6 +230,8 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
             loss = loss + cfg.outline * outline_error(recon, x)
         if cfg.shape_blend:
             loss = loss + cfg.shape_blend * shape_blend_error(recon, x)
+        if cfg.frame:
+            loss = loss + cfg.frame * frame_error(recon, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

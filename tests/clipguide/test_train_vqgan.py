@@ -4,8 +4,8 @@ import torch
 
 from clipguide import train_vqgan
 from clipguide.errors import ClipguideError
-from clipguide.train_vqgan import (SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, blend_error, outline_error,
-                                    shape_blend_error, texture_error)
+from clipguide.train_vqgan import (SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, blend_error, frame_error,
+                                    outline_error, shape_blend_error, texture_error)
 from clipguide.vqgan_model import VQGAN, VQGANConfig
 from core_clip import CheckpointError
 from core_clip.checkpoint import read_state_dict
@@ -119,6 +119,22 @@ def test_outline_error_compares_sharpened_coverage_in_units_of_the_pictures_cont
     deep.requires_grad_(True)
     outline_error(deep, target).backward()
     assert deep.grad[0, 0, 3, 3] < 0 and deep.grad[0, 0, 0, 1] == 0
+
+
+def test_frame_error_is_the_mean_error_of_the_outer_frame_only():
+    target = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert frame_error(target, target) == 0
+    recon = target.clone()
+    recon[0, 0, 0, 5] += 0.6     # in the 1-pixel frame
+    recon[1, 2, 7, 7] -= 0.3     # in the frame (a corner)
+    recon[0, 1, 3, 3] += 1.0     # inside: not counted
+    # a 1-pixel frame of an 8 x 8 picture has 64 - 36 = 28 pixels, x 3 channels x 2 pictures
+    torch.testing.assert_close(frame_error(recon, target, width=1), torch.tensor(0.9 / (28 * 3 * 2)))
+    # the default 3-pixel frame leaves a 2 x 2 inside (rows and columns 3-4), which still holds (3, 3)
+    torch.testing.assert_close(frame_error(recon, target), torch.tensor(0.9 / ((64 - 4) * 3 * 2)))
+    recon.requires_grad_(True)
+    frame_error(recon, target).backward()
+    assert recon.grad[0, 1, 3, 3] == 0 and recon.grad[0, 0, 0, 5] > 0 and recon.grad[1, 2, 7, 7] < 0
 
 
 def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsys):
