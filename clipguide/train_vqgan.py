@@ -29,7 +29,8 @@ is far from; then 600 with ``--outline 4``, the error of the shape's sharpened c
 contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
 then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels
 (:func:`shape_blend_error`: the share the oracle tests, which a small shape's edge fails unseen by the whole-picture
-mean). ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
+mean). ``--frame W`` adds the error of the picture's outer 3-pixel frame (:func:`frame_error`; measured, not in the
+shipped recipe). ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
 
 Batch i, its crop and its restarts are drawn from (seed, i), so ``--resume`` continues a killed run exactly; the
 model and the optimiser state are written atomically every ``--save-every`` steps.
