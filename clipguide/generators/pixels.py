@@ -97,7 +97,8 @@ class Pixels(OptimisedGenerator):
         generator: draws the random start when there is no ``init``.
         init: optional float [1 or B, 3, H, W] in [0, 1] to start from (area-downsampled to the grid; with regions,
             the colours are its k-means centres, snapped to the nearest palette colour when there is one, and each
-            cell starts on its nearest centre).
+            cell starts on its nearest centre). A region's snapped palette colour is its likeliest choice, not a
+            fixed one: guidance can recolour it.
         resolution: the grid's shorter side (None: full resolution). A coarse grid cannot hold pixel-level texture.
         colors: number of regions K, or None (free RGB, or one region per palette colour).
         palette: fixed colours: a name from :data:`PALETTES` ("shapes"), "#rrggbb,#rrggbb,...", or a sequence of
@@ -154,8 +155,9 @@ class Pixels(OptimisedGenerator):
             if colors is not None and self.fixed is not None:
                 nearest_colour = torch.cdist(centres, self.fixed).argmin(dim=1)
                 centres = self.fixed[nearest_colour]
-                # logits this far apart make the starting blend (sharpness >= 1) pick the snapped colour
-                choice = 8.0 * F.one_hot(nearest_colour, len(self.fixed)).float()
+                # the snapped colour leads by 2 logits: at the default starting sharpness (2) it holds 89% of an
+                # 8-colour blend, and the choice is far from saturated, so the prompt can still recolour a region
+                choice = 2.0 * F.one_hot(nearest_colour, len(self.fixed)).float()
                 self.choice = nn.Parameter(choice[None].expand(batch, -1, -1).contiguous())
             elif colors is not None:
                 self.palette = nn.Parameter(centres[None].expand(batch, -1, -1).contiguous())

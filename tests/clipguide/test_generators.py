@@ -193,6 +193,38 @@ def test_fixed_palette_init_snaps_the_init_images_colours_to_the_palette():
         assert torch.equal(out, expected)
 
 
+class _TowardsImage:
+    """A stand-in for CLIPGuidance: the mean squared error of each image to ``target``."""
+
+    def __init__(self, target: torch.Tensor):
+        self.target = target
+
+    def per_image(self, images: torch.Tensor) -> dict:
+        return {"total": (images - self.target).square().mean(dim=(1, 2, 3))}
+
+    def summary(self, terms: dict) -> dict:
+        return {}
+
+    def done(self) -> bool:
+        return False
+
+
+def test_a_fixed_palette_init_is_a_start_the_loss_can_recolour():
+    red, green, black = (SHAPES_PALETTE[list(shapes.COLORS).index(c)] for c in ("red", "green", "black"))
+    init = black.view(1, 3, 1, 1).repeat(1, 1, 32, 32)
+    init[:, :, 8:24, 8:24] = red.view(3, 1, 1)
+    backend = Pixels(1, 32, 32, generator=gen(), init=init, colors=2, palette="shapes", resolution=16)
+    start = backend.decode()
+    # the start leans on the init's colours (the likeliest colour of each region is its snapped one) ...
+    assert torch.equal(backend.finish(), init)
+    assert (start - init).abs().max() < 0.25
+    # ... but a loss that wants the square green gets it: the choice is not saturated
+    target = init.clone()
+    target[:, :, 8:24, 8:24] = green.view(3, 1, 1)
+    out = backend.sample(_TowardsImage(target), steps=100, generator=gen())
+    assert torch.equal(out, target)
+
+
 def test_guide_with_a_fixed_palette_returns_palette_colours_only(perceptor):
     from clipguide.guide import guide
 
