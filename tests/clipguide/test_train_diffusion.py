@@ -59,3 +59,15 @@ def test_bf16_autocast_changes_the_steps_and_a_resume_keeps_the_precision(tmp_pa
     assert train_diffusion.main(["--out", str(tmp_path / "x"), "--precision", "fp16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--precision must be one of fp32, bf16, got 'fp16'" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--snr-floor", "-0.1"], "--snr-floor must be >= 0, got -0.1"),
+    (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    (["--lr", "inf"], "--lr must be >= 0, got inf"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
+])
+def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert train_diffusion.main(["--out", str(tmp_path / "run"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"python -m clipguide.train_diffusion: {message}"
+    assert not (tmp_path / "run").exists()

@@ -150,3 +150,18 @@ def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsy
     assert train_vqgan.main(["--out", str(tmp_path / "d"), "--init", str(tmp_path / "none.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "checkpoint not found" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frame", "-1"], "--frame must be >= 0, got -1.0"),
+    (["--texture", "nan"], "--texture must be >= 0, got nan"),
+    (["--steps", "0"], "--steps must be > 0, got 0"),
+    (["--lr=-1e-3"], "--lr must be >= 0, got -0.001"),
+    (["--crop", "30"], "--crop must be a multiple of 4 from 4 to 64, got 30"),
+    (["--crop", "128"], "--crop must be a multiple of 4 from 4 to 64, got 128"),
+])
+def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert train_vqgan.main(["--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m clipguide.train_vqgan: {message}"
+    assert not (tmp_path / "run").exists()
