@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core_clip.checkpoint import atomic_write, current_umask, load_strict, read_state_dict, save_safetensors
+from core_clip.errors import check_ranges
 
 from .errors import ClipguideError
-from .training import (check_ranges, load_resume_state, run_script, run_settings, set_warmup_cosine_lr,
-                       shapes_batch)
+from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 
 SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
                    block_out_channels=(32, 64, 64), norm_num_groups=16,
@@ -56,7 +56,7 @@ class DiffusionTrainConfig:
     resume: bool = False
 
     def __post_init__(self):
-        check_ranges(self, positive=("steps", "batch_size", "save_every"),
+        check_ranges(self, ClipguideError, positive=("steps", "batch_size", "save_every"),
                      non_negative=("lr", "warmup", "snr_floor", "seed"))
         if not 0 <= self.ema_decay < 1:
             raise ClipguideError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")

@@ -48,11 +48,11 @@ from tqdm.auto import tqdm
 
 from core_clip import shapes
 from core_clip.checkpoint import atomic_write, load_strict, read_state_dict
+from core_clip.errors import check_ranges
 
 from .errors import ClipguideError
 from .generators.base import clamp_with_grad
-from .training import (check_ranges, load_resume_state, run_script, run_settings, set_warmup_cosine_lr,
-                       shapes_batch)
+from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
 SHAPES_DDCONFIG = dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
@@ -83,7 +83,8 @@ class VQGANTrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("steps", "batch_size", "codes", "restart_every", "save_every"),
+        check_ranges(self, ClipguideError,
+                     positive=("steps", "batch_size", "codes", "restart_every", "save_every"),
                      non_negative=("lr", "texture", "blend", "outline", "shape_blend", "frame", "full_steps",
                                    "warmup", "dead_usage", "eval_images", "seed"))
         factor = 2 ** (len(SHAPES_DDCONFIG["ch_mult"]) - 1)

@@ -59,16 +59,6 @@ def parse_config(config_cls: type[Config], prog: str, description: str,
     return config_cls(**vars(parser.parse_args(argv)))
 
 
-def check_ranges(cfg: Any, *, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
-    """Raise ClipguideError naming the first field of the config ``cfg`` (as its ``--flag``) out of range: each of
-    ``positive`` must be > 0, each of ``non_negative`` >= 0, and none NaN or infinite."""
-    for names, low_ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            value = getattr(cfg, name)
-            if not (math.isfinite(value) and low_ok(value)):
-                raise ClipguideError(f"--{name.replace('_', '-')} must be {what}, got {value}")
-
-
 def run_settings(cfg: Any) -> dict:
     """The fields of a training config (a dataclass) that shape its trajectory; saved with every checkpoint."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _RESUME_FREE}

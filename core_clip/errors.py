@@ -1,5 +1,9 @@
 """Errors that core_clip raises for bad input. All are ``ValueError`` subclasses so callers can catch one type,
 and the CLI turns them into exit code 2 with a single line."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
 
 
 class CoreClipError(ValueError):
@@ -24,3 +28,16 @@ class ImageReadError(CoreClipError):
 
 class DataError(CoreClipError):
     """A dataset (CSV, folder) is malformed: missing files, empty captions, wrong columns."""
+
+
+def check_ranges(cfg: Any, error: type[CoreClipError] = CoreClipError, *, at_least_one: Sequence[str] = (),
+                 positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """Raise ``error`` naming the first numeric field of the config ``cfg`` (as its ``--flag``) out of range: each of
+    ``at_least_one`` must be >= 1, of ``positive`` > 0, of ``non_negative`` >= 0; NaN and infinity never are."""
+    rules = ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+             (non_negative, lambda v: v >= 0, ">= 0"))
+    for names, in_range, what in rules:
+        for name in names:
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and in_range(value)):
+                raise error(f"--{name.replace('_', '-')} must be {what}, got {value}")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .attack import ATTACK_NORMS
 from .checkpoint import atomic_write, load_strict, read_state_dict, saved_settings
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
-from .errors import CheckpointError, CoreClipError
+from .errors import CheckpointError, CoreClipError, check_ranges
 from .loss import ClipLoss, SigLipLoss
 from .model import ClipModel, load
 from .negatives import NegativeBuffer, NegativeConfig
@@ -258,16 +258,12 @@ class Trainer:
 
     def _validate(self) -> None:
         cfg = self.cfg
-        for name in ("epochs", "batch_size", "accum_steps", "samples_per_epoch", "save_every", "keep_checkpoints",
-                     "adv_steps", "negative_steps"):
-            if getattr(cfg, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-        for name in ("warmup_steps", "eval_every", "max_steps", "workers", "grad_clip", "weight_decay", "adv_eps",
-                     "adv_start", "negatives", "negative_start"):
-            if getattr(cfg, name) < 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-        if not cfg.lr > 0:
-            raise TrainError(f"--lr must be > 0, got {cfg.lr}")
+        check_ranges(cfg, TrainError,
+                     at_least_one=("epochs", "batch_size", "accum_steps", "samples_per_epoch", "save_every",
+                                   "keep_checkpoints", "adv_steps", "negative_steps"),
+                     positive=("lr",),
+                     non_negative=("warmup_steps", "eval_every", "max_steps", "workers", "grad_clip", "weight_decay",
+                                   "adv_eps", "adv_start", "negatives", "negative_start"))
         if cfg.negative_own and not cfg.negatives:
             raise TrainError("--negative-own needs --negatives (it chooses where negative chains start)")
         if cfg.precision not in ("fp32", "bf16", "fp16"):

@@ -139,6 +139,9 @@ def test_resume_guards(tmp_path):
         train(_cfg(tmp_path, max_steps=4, resume=True, batch_size=8))
     with pytest.raises(TrainError, match="--lr must be > 0"):
         train(_cfg(tmp_path, lr=0))
+    for name in ("weight_decay", "grad_clip", "adv_eps"):   # NaN is never in range (it compares False to 0)
+        with pytest.raises(TrainError, match=f"--{name.replace('_', '-')} must be >= 0, got nan"):
+            train(_cfg(tmp_path, **{name: float("nan")}))
     with pytest.raises(TrainError, match="--adv-norm must be linf or l2, got 'l1'"):
         train(_cfg(tmp_path, adv_eps=1.0, adv_norm="l1"))
 
