@@ -87,7 +87,7 @@ class VQGANTrainConfig:
                      positive=("steps", "batch_size", "codes", "restart_every", "save_every"),
                      non_negative=("lr", "texture", "blend", "outline", "shape_blend", "frame", "full_steps",
                                    "warmup", "dead_usage", "eval_images", "seed"))
-        factor = 2 ** (len(SHAPES_DDCONFIG["ch_mult"]) - 1)
+        factor = VQGANConfig(ddconfig=SHAPES_DDCONFIG).factor
         if self.crop % factor or not factor <= self.crop <= SHAPES_DDCONFIG["resolution"]:
             raise ClipguideError(f"--crop must be a multiple of {factor} from {factor} to "
                                  f"{SHAPES_DDCONFIG['resolution']}, got {self.crop}")
