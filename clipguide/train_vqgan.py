@@ -1,18 +1,8 @@
 """Train the shipped ShapesWorld VQGAN (taming architecture; reconstruction + codebook losses, nothing downloaded).
 
-    python -m clipguide.train_vqgan --out runs/vqgan
-    python -m clipguide.train_vqgan --out runs/vqgan-tex --init runs/vqgan/vqgan.safetensors --steps 300 \
-        --full-steps 300 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --seed 1
-    python -m clipguide.train_vqgan --out runs/vqgan-blend --init runs/vqgan-tex/vqgan.safetensors --steps 600 \
-        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --seed 2
-    python -m clipguide.train_vqgan --out runs/vqgan-outline --init runs/vqgan-blend/vqgan.safetensors --steps 600 \
-        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --seed 3
-    python -m clipguide.train_vqgan --out runs/vqgan-shape --init runs/vqgan-outline/vqgan.safetensors --steps 600 \
-        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --shape-blend 0.3 --seed 4
-    python -m clipguide.train_vqgan --out runs/vqgan-shape2 --init runs/vqgan-shape/vqgan.safetensors --steps 600 \
-        --full-steps 600 --crop 64 --lr 1e-3 --warmup 20 --texture 1 --blend 4 --outline 4 --shape-blend 0.3 --seed 5
-    cp runs/vqgan-shape2/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
-    cp runs/vqgan-shape2/vqgan.json clipguide/weights/vqgan-shapes.json
+    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: six runs in a row
+    cp runs/vqgan/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
+    cp runs/vqgan/vqgan.json clipguide/weights/vqgan-shapes.json
 
 The network is fully convolutional (no attention), so it trains on random ``--crop`` x ``--crop`` windows of 64 px
 renders, four times cheaper per step than whole pictures; its GroupNorms, though, take statistics over the whole
@@ -32,13 +22,18 @@ then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the sha
 mean). ``--frame W`` adds the error of the picture's outer 3-pixel frame (:func:`frame_error`; measured, not in the
 shipped recipe). ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
 
-Batch i, its crop and its restarts are drawn from (seed, i), so ``--resume`` continues a killed run exactly; the
-model and the optimiser state are written atomically every ``--save-every`` steps.
+``--recipe NAME`` runs a named chain of runs (:data:`RECIPES`) into ``--out``/stage1, stage2, ..., each started from
+the weights of the one before, and writes the last one's weights to ``--out``; settings that no stage sets (say
+``--batch-size``) apply to every stage, and those a stage sets may not be given.
+
+Batch i, its crop and its restarts are drawn from (seed, i), so ``--resume`` continues a killed run exactly (a
+recipe: its finished stages are kept, the interrupted one continues); the model and the optimiser state are written
+atomically every ``--save-every`` steps.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -81,6 +76,7 @@ class VQGANTrainConfig:
     save_every: int = 250
     eval_images: int = 500
     resume: bool = False
+    recipe: str = ""
 
     def __post_init__(self) -> None:
         check_ranges(self, ClipguideError,
@@ -91,6 +87,24 @@ class VQGANTrainConfig:
         if self.crop % factor or not factor <= self.crop <= SHAPES_DDCONFIG["resolution"]:
             raise ClipguideError(f"--crop must be a multiple of {factor} from {factor} to "
                                  f"{SHAPES_DDCONFIG['resolution']}, got {self.crop}")
+        if self.recipe and self.recipe not in RECIPES:
+            raise ClipguideError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+
+
+_WHOLE = dict(crop=64, lr=1e-3, warmup=20, texture=1.0)            # whole-picture fine-tuning runs
+_SHAPE = dict(_WHOLE, steps=600, full_steps=600, blend=4.0, outline=4.0, shape_blend=0.3)
+
+#: Named chains of runs (``--recipe``): each stage's settings, on top of the defaults and the command line's.
+RECIPES: dict[str, tuple[dict, ...]] = {
+    "shapes": (                                                      # the shipped VQGAN (README: minutes per stage)
+        {},                                                          # 32 px crops, then whole pictures
+        dict(_WHOLE, steps=300, full_steps=300, seed=1),             # + texture
+        dict(_SHAPE, outline=0.0, shape_blend=0.0, seed=2),          # + blend
+        dict(_SHAPE, shape_blend=0.0, seed=3),                       # + outline
+        dict(_SHAPE, seed=4),                                        # + shape blend
+        dict(_SHAPE, seed=5),                                        # the same again
+    ),
+}
 
 
 @torch.no_grad()
@@ -209,7 +223,32 @@ def _restart_dead_codes(model: VQGAN, z: torch.Tensor, usage: torch.Tensor, dead
         usage[dead] = 1.0
 
 
+def train_recipe(cfg: VQGANTrainConfig) -> VQGAN:
+    """Run the stages of ``cfg.recipe`` into ``cfg.out``/stage1, stage2, ..., each from the one before's weights
+    (the first from ``cfg.init``, when given); write the last stage's model to ``cfg.out`` and return it."""
+    stages = RECIPES[cfg.recipe]
+    defaults = VQGANTrainConfig(out=cfg.out)
+    given = sorted({k for stage in stages for k in stage if getattr(cfg, k) != getattr(defaults, k)})
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ClipguideError(f"--recipe {cfg.recipe} sets {flags} itself; leave {'it' if len(given) == 1 else 'them'} "
+                             "out")
+    init = cfg.init
+    for i, settings in enumerate(stages, 1):
+        out = Path(cfg.out) / f"stage{i}"
+        last = i == len(stages)
+        tqdm.write(f"stage {i} of {len(stages)}: {settings or 'the defaults'}")
+        model = train(replace(cfg, recipe="", out=str(out), init=init, eval_images=cfg.eval_images if last else 0,
+                              resume=cfg.resume and (out / "state.pt").is_file(), **settings))
+        init = str(out / "vqgan.safetensors")
+    model.save(Path(cfg.out) / "vqgan.safetensors")
+    return model
+
+
 def train(cfg: VQGANTrainConfig) -> VQGAN:
+    """One training run (or, with ``cfg.recipe``, the recipe's chain of runs: :func:`train_recipe`)."""
+    if cfg.recipe:
+        return train_recipe(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

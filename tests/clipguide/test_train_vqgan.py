@@ -165,3 +165,39 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert err == f"python -m clipguide.train_vqgan: {message}"
     assert not (tmp_path / "run").exists()
+
+
+TINY_RECIPE = ({"steps": 2}, {"steps": 4, "lr": 0.0, "texture": 1.0})
+
+
+def test_a_recipe_chains_its_stages_and_writes_the_last_one(tmp_path, monkeypatch):
+    monkeypatch.setitem(train_vqgan.RECIPES, "tiny", TINY_RECIPE)
+    config = dict(batch_size=2, warmup=1, eval_images=0, codes=16, restart_every=100)
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), recipe="tiny", **config))
+    first, final = (read_state_dict(tmp_path / "run" / p) for p in ("stage1/vqgan.safetensors", "vqgan.safetensors"))
+    assert all(torch.equal(first[k], final[k]) for k in first)   # stage 2 (lr 0) started from stage 1's weights
+    fresh = VQGAN(VQGANConfig(ddconfig=SHAPES_DDCONFIG, n_embed=16, embed_dim=32)).state_dict()
+    assert not torch.equal(first["encoder.conv_in.weight"], fresh["encoder.conv_in.weight"])
+    stage2 = torch.load(tmp_path / "run" / "stage2" / "state.pt", weights_only=True)
+    assert stage2["step"] == 4 and stage2["settings"]["texture"] == 1.0 and stage2["settings"]["batch_size"] == 2
+    assert stage2["settings"]["init"] == str(tmp_path / "run" / "stage1" / "vqgan.safetensors")
+
+
+def test_a_recipe_killed_in_its_second_stage_resumes_exactly(crash_and_resume, monkeypatch):
+    monkeypatch.setitem(train_vqgan.RECIPES, "tiny", ({"steps": 2}, {"steps": 4, "texture": 1.0, "seed": 1}))
+    # batch 3 is drawn only in stage 2, after its step-2 checkpoint
+    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 3, recipe="tiny", batch_size=2, save_every=2,
+                                         warmup=1, eval_images=0, codes=16, restart_every=100)
+    a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "shapes", "--steps", "5"], "--recipe shapes sets --steps itself; leave it out"),
+    (["--recipe", "shapes", "--seed", "3", "--lr", "1"], "--recipe shapes sets --lr, --seed itself; leave them out"),
+    (["--recipe", "imagenet"], "--recipe must be one of shapes, got 'imagenet'"),
+])
+def test_bad_recipe_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert train_vqgan.main(["--out", str(tmp_path / "run"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"python -m clipguide.train_vqgan: {message}"
+    assert not (tmp_path / "run").exists()
