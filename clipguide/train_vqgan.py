@@ -1,6 +1,6 @@
 """Train the shipped ShapesWorld VQGAN (taming architecture; reconstruction + codebook losses, nothing downloaded).
 
-    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: six runs in a row
+    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: seven runs in a row
     cp runs/vqgan/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
     cp runs/vqgan/vqgan.json clipguide/weights/vqgan-shapes.json
 
@@ -19,8 +19,8 @@ is far from; then 600 with ``--outline 4``, the error of the shape's sharpened c
 contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
 then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels
 (:func:`shape_blend_error`: the share the oracle tests, which a small shape's edge fails unseen by the whole-picture
-mean). ``--frame W`` adds the error of the picture's outer 3-pixel frame (:func:`frame_error`; measured, not in the
-shipped recipe). ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
+mean); and last 600 at a lower learning rate with ``--frame 2`` as well, the error of the picture's outer 3-pixel
+frame (:func:`frame_error`), which the decoder's zero padding leaves off around large shapes. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
 
 ``--recipe NAME`` runs a named chain of runs (:data:`RECIPES`) into ``--out``/stage1, stage2, ..., each started from
 the weights of the one before, and writes the last one's weights to ``--out``; settings that no stage sets (say
@@ -103,6 +103,7 @@ RECIPES: dict[str, tuple[dict, ...]] = {
         dict(_SHAPE, shape_blend=0.0, seed=3),                       # + outline
         dict(_SHAPE, seed=4),                                        # + shape blend
         dict(_SHAPE, seed=5),                                        # the same again
+        dict(_SHAPE, lr=3e-4, frame=2.0, seed=8),                    # + frame
     ),
 }
 
