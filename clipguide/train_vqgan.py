@@ -20,7 +20,9 @@ contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a s
 then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels
 (:func:`shape_blend_error`: the share the oracle tests, which a small shape's edge fails unseen by the whole-picture
 mean); and last 600 at a lower learning rate with ``--frame 2`` as well, the error of the picture's outer 3-pixel
-frame (:func:`frame_error`), which the decoder's zero padding leaves off around large shapes. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
+frame (:func:`frame_error`), which the decoder's zero padding leaves off around large shapes. The blend, outline,
+shape-blend and frame terms read the background off the picture's frame, so they apply only to the whole-picture
+steps of a run that also trains on crops. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
 
 ``--recipe NAME`` runs a named chain of runs (:data:`RECIPES`) into ``--out``/stage1, stage2, ..., each started from
 the weights of the one before, and writes the last one's weights to ``--out``; settings that no stage sets (say
@@ -205,6 +207,12 @@ def frame_error(recon: torch.Tensor, target: torch.Tensor, width: int = 3) -> to
     return ((recon - target).abs() * frame).sum() / (frame.sum() * target.shape[0] * target.shape[1])
 
 
+# Loss terms that read a picture's background off its outer frame, so they apply to whole-picture steps only (the
+# edge of a crop is no background); config field -> term.
+PICTURE_TERMS = {"blend": blend_error, "outline": outline_error, "shape_blend": shape_blend_error,
+                 "frame": frame_error}
+
+
 def _crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """One random size x size window (the same for the whole batch) of images [B, 3, H, W]."""
     if size >= x.shape[-1]:
@@ -275,16 +283,9 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         recon = model.decode(z_q)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + codebook_loss
-        if cfg.texture:
-            loss = loss + cfg.texture * texture_error(recon, x)
-        if cfg.blend:
-            loss = loss + cfg.blend * blend_error(recon, x)
-        if cfg.outline:
-            loss = loss + cfg.outline * outline_error(recon, x)
-        if cfg.shape_blend:
-            loss = loss + cfg.shape_blend * shape_blend_error(recon, x)
-        if cfg.frame:
-            loss = loss + cfg.frame * frame_error(recon, x)
+        for name, term in {"texture": texture_error, **(PICTURE_TERMS if crop >= 64 else {})}.items():
+            if getattr(cfg, name):
+                loss = loss + getattr(cfg, name) * term(recon, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -201,3 +201,20 @@ def test_bad_recipe_settings_exit_2_with_one_line(tmp_path, capsys, argv, messag
     assert train_vqgan.main(["--out", str(tmp_path / "run"), *argv]) == 2
     assert capsys.readouterr().err.strip() == f"python -m clipguide.train_vqgan: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_picture_terms_apply_to_whole_pictures_only(tmp_path):
+    """A crop's edge is no background, so the terms that read one there are off on crop steps: with crops only,
+    a blend weight changes nothing; with whole pictures it changes the run."""
+    config = dict(steps=2, batch_size=2, warmup=1, eval_images=0, codes=16, restart_every=100, crop=32)
+
+    def weights(name: str, **settings) -> dict:
+        train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / name), **dict(config, **settings)))
+        return read_state_dict(tmp_path / name / "vqgan.safetensors")
+
+    plain, blended = weights("plain", full_steps=0), weights("blended", full_steps=0, blend=5.0, frame=5.0)
+    assert all(torch.equal(plain[k], blended[k]) for k in plain)
+    whole, whole_blended = weights("whole", full_steps=1), weights("whole-blended", full_steps=1, blend=5.0)
+    assert not torch.equal(whole["decoder.conv_out.weight"], whole_blended["decoder.conv_out.weight"])
+    textured = weights("textured", full_steps=0, texture=5.0)    # texture is local: it counts on crops too
+    assert not torch.equal(plain["decoder.conv_out.weight"], textured["decoder.conv_out.weight"])
