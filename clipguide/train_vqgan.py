@@ -1,6 +1,6 @@
 """Train the shipped ShapesWorld VQGAN (taming architecture; reconstruction + codebook losses, nothing downloaded).
 
-    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: seven runs in a row
+    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: eight runs in a row
     cp runs/vqgan/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
     cp runs/vqgan/vqgan.json clipguide/weights/vqgan-shapes.json
 
@@ -19,7 +19,7 @@ is far from; then 600 with ``--outline 4``, the error of the shape's sharpened c
 contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
 then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels
 (:func:`shape_blend_error`: the share the oracle tests, which a small shape's edge fails unseen by the whole-picture
-mean); and last 600 at a lower learning rate with ``--frame 2`` as well, the error of the picture's outer 3-pixel
+mean); and last twice 600 at a lower learning rate with ``--frame 2`` as well, the error of the picture's outer 3-pixel
 frame (:func:`frame_error`), which the decoder's zero padding leaves off around large shapes. The blend, outline,
 shape-blend and frame terms read the background off the picture's frame, so they apply only to the whole-picture
 steps of a run that also trains on crops. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
@@ -106,6 +106,7 @@ RECIPES: dict[str, tuple[dict, ...]] = {
         dict(_SHAPE, seed=4),                                        # + shape blend
         dict(_SHAPE, seed=5),                                        # the same again
         dict(_SHAPE, lr=3e-4, frame=2.0, seed=8),                    # + frame
+        dict(_SHAPE, lr=3e-4, frame=2.0, seed=9),                    # the same again
     ),
 }
 
