@@ -99,7 +99,7 @@ _SHAPE = dict(_WHOLE, steps=600, full_steps=600, blend=4.0, outline=4.0, shape_b
 #: Named chains of runs (``--recipe``): each stage's settings, on top of the defaults and the command line's.
 RECIPES: dict[str, tuple[dict, ...]] = {
     "shapes": (                                                      # the shipped VQGAN (README: minutes per stage)
-        {},                                                          # 32 px crops, then whole pictures
+        dict(steps=3300, crop=32, full_steps=700, lr=3e-3, warmup=50, seed=0),  # 32 px crops, then whole pictures
         dict(_WHOLE, steps=300, full_steps=300, seed=1),             # + texture
         dict(_SHAPE, outline=0.0, shape_blend=0.0, seed=2),          # + blend
         dict(_SHAPE, shape_blend=0.0, seed=3),                       # + outline
@@ -247,7 +247,7 @@ def train_recipe(cfg: VQGANTrainConfig) -> VQGAN:
     for i, settings in enumerate(stages, 1):
         out = Path(cfg.out) / f"stage{i}"
         last = i == len(stages)
-        tqdm.write(f"stage {i} of {len(stages)}: {settings or 'the defaults'}")
+        tqdm.write(f"stage {i} of {len(stages)}: {settings}")
         model = train(replace(cfg, recipe="", out=str(out), init=init, eval_images=cfg.eval_images if last else 0,
                               resume=cfg.resume and (out / "state.pt").is_file(), **settings))
         init = str(out / "vqgan.safetensors")
