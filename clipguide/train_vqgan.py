@@ -243,9 +243,12 @@ def train_recipe(cfg: VQGANTrainConfig) -> VQGAN:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ClipguideError(f"--recipe {cfg.recipe} sets {flags} itself; leave {'it' if len(given) == 1 else 'them'} "
                              "out")
+    outs = [Path(cfg.out) / f"stage{i}" for i in range(1, len(stages) + 1)]
+    if cfg.resume and not any((out / "state.pt").is_file() for out in outs):
+        raise ClipguideError(f"nothing to resume in {cfg.out}: no stage has a state.pt there (run once without "
+                             "--resume)")
     init = cfg.init
-    for i, settings in enumerate(stages, 1):
-        out = Path(cfg.out) / f"stage{i}"
+    for i, (settings, out) in enumerate(zip(stages, outs), 1):
         last = i == len(stages)
         tqdm.write(f"stage {i} of {len(stages)}: {settings}")
         model = train(replace(cfg, recipe="", out=str(out), init=init, eval_images=cfg.eval_images if last else 0,

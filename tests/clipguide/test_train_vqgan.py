@@ -203,6 +203,13 @@ def test_bad_recipe_settings_exit_2_with_one_line(tmp_path, capsys, argv, messag
     assert not (tmp_path / "run").exists()
 
 
+def test_resuming_a_recipe_that_never_started_exits_2(tmp_path, capsys):
+    assert train_vqgan.main(["--out", str(tmp_path / "run"), "--recipe", "shapes", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to resume" in err and "no stage has a state.pt" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_picture_terms_apply_to_whole_pictures_only(tmp_path):
     """A crop's edge is no background, so the terms that read one there are off on crop steps: with crops only,
     a blend weight changes nothing; with whole pictures it changes the run."""
