@@ -10,6 +10,7 @@
 from .determinism import deterministic
 from .errors import ClipguideError, GuidanceError, PromptError, UnknownNameError
 from .generators import GENERATORS
+from . import diffusion_prior  # noqa: F401,I001  (registers the diffusion_prior image loss; needs the generators)
 from .guidance import CLIPGuidance, GuidanceConfig
 from .guide import GuideResult, guide, retry_seed
 from .perceptor import Perceptor

@@ -14,10 +14,12 @@ summed over the batch, so an image's gradient does not depend on what else is in
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -71,6 +73,14 @@ def guidance_config(config: GuidanceConfig | None = None, **overrides) -> Guidan
     return replace(config or GuidanceConfig(), **overrides)
 
 
+def _with_generator(loss: Callable, generator: torch.Generator) -> Callable:
+    """An image loss as ``images -> [B]``: a stochastic one (a ``generator`` keyword, such as ``diffusion_prior``)
+    draws from ``generator``, the guidance's own stream, so that a seed reproduces the run."""
+    if "generator" in inspect.signature(loss).parameters:
+        return functools.partial(loss, generator=generator)
+    return loss
+
+
 def as_prompts(prompts: PromptsLike) -> list[Prompt]:
     """A prompt string ("a:1 | b:-0.5"), a :class:`Prompt`, or a sequence mixing both -> a list of Prompts."""
     if isinstance(prompts, (str, Prompt)):
@@ -103,7 +113,8 @@ class CLIPGuidance:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.cutouts = make_cutouts(self.config.cutouts, **self.config.cutout_options)
         self.distance = EMBEDDING_LOSSES.get(self.config.loss)
-        self.regularisers = {name: (IMAGE_LOSSES.get(name), w) for name, w in self.config.regularisers.items()}
+        self.regularisers = {name: (_with_generator(IMAGE_LOSSES.get(name), self.generator), w)
+                             for name, w in self.config.regularisers.items()}
         self.weights = torch.tensor([p.weight for p in self.prompts], device=self.device)
         self.stops = torch.tensor([p.stop for p in self.prompts], device=self.device)
         image_prompts = {p.value: as_image_batch(open_image(p.value)).to(self.device)

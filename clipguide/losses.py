@@ -3,6 +3,8 @@
 - ``EMBEDDING_LOSSES``: ``(image_emb [N, D], target_emb [N, D] | [1, D] | [D]) -> [N]``, how far each image
   embedding is from its target. Both inputs are L2-normalised here, so callers may pass raw CLIP features.
 - ``IMAGE_LOSSES``: ``(images [B, 3, H, W]) -> [B]``, regularisers on the generator's output (nominally in [0, 1]).
+  A stochastic one takes a keyword ``generator`` too, and :class:`clipguide.CLIPGuidance` passes it its own seeded
+  ``torch.Generator`` (``diffusion_prior``, in its own module, is one).
 
 All losses keep the input's floating dtype and device. A new loss is one decorated function, in this module or any
 other::
@@ -89,7 +91,7 @@ def cosine(image_emb: Tensor, target_emb: Tensor) -> Tensor:
     return 1 - (a * b).sum(dim=-1)
 
 
-def _check_images(images: Tensor) -> None:
+def check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor) or not images.is_floating_point():
         raise ClipguideError("images must be a floating-point tensor [B, 3, H, W]")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -107,7 +109,7 @@ def tv(images: Tensor) -> Tensor:
 
     ``images [B, 3, H, W]`` floating, ``H, W >= 2`` -> ``[B]``, ``>= 0``; 0 exactly for constant images.
     """
-    _check_images(images)
+    check_images(images)
     if images.shape[2] < 2 or images.shape[3] < 2:
         raise ClipguideError(f"tv needs images at least 2x2 pixels, got {images.shape[2]}x{images.shape[3]}")
     dx = images[..., :, 1:] - images[..., :, :-1]
@@ -121,7 +123,7 @@ def range_(images: Tensor) -> Tensor:
 
     ``images [B, 3, H, W]`` floating -> ``[B]``, ``>= 0``; 0 exactly when every value is in ``[0, 1]``.
     """
-    _check_images(images)
+    check_images(images)
     return (images - images.clamp(0, 1)).pow(2).mean(dim=(1, 2, 3))
 
 
@@ -138,7 +140,7 @@ def border(images: Tensor) -> Tensor:
     0 exactly when the frame is one colour; it pulls what the picture shows off the edges, the prior of a centred
     subject on a plain background. ``images [B, 3, H, W]`` floating, ``H, W >= 2`` -> ``[B]``, ``>= 0``.
     """
-    _check_images(images)
+    check_images(images)
     height, width = images.shape[2], images.shape[3]
     if height < 2 or width < 2:
         raise ClipguideError(f"border needs images at least 2x2 pixels, got {height}x{width}")
@@ -157,7 +159,7 @@ def saturation(images: Tensor) -> Tensor:
 
     ``images [B, 3, H, W]`` floating -> ``[B]``, ``>= 0``.
     """
-    _check_images(images)
+    check_images(images)
     return images.var(dim=1, correction=0).mean(dim=(1, 2))
 
 
