@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutouts", help="cutout scheme (classic, pooled, disco, ...)")
     p.add_argument("--batch", type=positive_int, default=1, help="images made at once (OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--regulariser", action="append", default=[], type=_weighted_name, metavar="NAME=WEIGHT",
-                   help="image regulariser and its weight (tv, range, saturation, border, ...); repeatable")
+                   help="image regulariser and its weight (tv, range, saturation, border, diffusion_prior, ...); "
+                        "repeatable")
     p.add_argument("--lr", type=_positive_float, help="learning rate of optimisation backends")
     p.add_argument("--colors", type=int_at_least(2, "an integer >= 2"),
                    help="pixels backend: flat colour regions per image")

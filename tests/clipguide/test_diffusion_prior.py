@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 
-from clipguide import CLIPGuidance, ClipguideError
+from clipguide import CLIPGuidance, ClipguideError, guide
 from clipguide.diffusion_prior import DiffusionPrior
 from clipguide.generators.diffusion import DiffusionModel
 from clipguide.losses import IMAGE_LOSSES
@@ -99,3 +99,16 @@ def test_bad_settings_and_latent_models_are_refused():
         latent(torch.rand(1, 3, 16, 16), gen())
     with pytest.raises(ClipguideError, match=r"must be \[B, 3, H, W\]"):
         DiffusionPrior()(torch.rand(3, 16, 16), gen())
+
+
+def test_with_the_prior_pixel_guidance_draws_a_shape_the_oracle_reads():
+    # the shipped CLIP and diffusion model, the README's settings: the prior makes the square; without it the same
+    # run draws the right colours and no shape the oracle can fit
+    def draw(regularisers):
+        result = guide("a blue square on a black background", backend="pixels", steps=300, seed=18, progress=False,
+                       backend_options={"colors": 2, "palette": "shapes", "resolution": 8}, regularisers=regularisers)
+        reading = shapes.read(result.tensor[0])
+        return reading["color"], reading["shape"], reading["background"]
+
+    assert draw({"border": 5, "diffusion_prior": 20}) == ("blue", "square", "black")
+    assert draw({"border": 5})[1] != "square"
