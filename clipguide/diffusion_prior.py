@@ -73,6 +73,9 @@ class DiffusionPrior:
     copies: int = 2
 
     def __post_init__(self):
+        pair = isinstance(self.t_range, (tuple, list)) and len(self.t_range) == 2
+        if not pair or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.t_range):
+            raise ClipguideError(f"diffusion_prior t_range must be two numbers (low, high), got {self.t_range!r}")
         low, high = self.t_range
         if not 0 <= low < high <= 1:
             raise ClipguideError(f"diffusion_prior t_range needs 0 <= low < high <= 1, got {self.t_range}")
@@ -91,7 +94,8 @@ class DiffusionPrior:
         batch = len(x)
         alpha_bar = model.scheduler.alphas_cumprod.to(x.device, torch.float32)
         steps = len(alpha_bar)
-        low, high = int(self.t_range[0] * (steps - 1)), max(int(self.t_range[1] * (steps - 1)), 1)
+        low = int(self.t_range[0] * (steps - 1))
+        high = max(int(self.t_range[1] * (steps - 1)), low + 1)     # at least one timestep to draw
         with torch.no_grad():
             t = torch.randint(low, high, (self.copies * batch,), generator=generator, device=x.device)
             a = alpha_bar[t].view(-1, 1, 1, 1)

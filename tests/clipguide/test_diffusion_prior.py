@@ -28,6 +28,8 @@ def test_value_is_the_mean_squared_distance_in_the_models_units_and_gradchecks()
     images = torch.rand(2, 3, 32, 32, generator=gen(1), dtype=torch.float64)
     expected = (F.avg_pool2d(images, 4) * 2 - 1).pow(2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(prior(images, gen()), expected, rtol=1e-12, atol=0)
+    narrow = DiffusionPrior(prior.model, t_range=(0.5, 0.5001))              # less than one timestep wide: t = 499
+    torch.testing.assert_close(narrow(images, gen()), expected, rtol=1e-12, atol=0)
     assert torch.autograd.gradcheck(lambda x: prior(x, gen()), (images[:1, :, :8, :8].clone().requires_grad_(),))
 
 
@@ -85,6 +87,9 @@ def test_the_shipped_model_cleans_a_noisy_picture_until_the_oracle_reads_it():
 def test_bad_settings_and_latent_models_are_refused():
     for bad in ((0.2, 0.1), (-0.1, 0.5), (0.5, 1.5)):
         with pytest.raises(ClipguideError, match="t_range needs 0 <= low < high <= 1"):
+            DiffusionPrior(t_range=bad)
+    for bad in ((0.1,), (0.1, 0.2, 0.3), ("0", "1"), 0.5):
+        with pytest.raises(ClipguideError, match="t_range must be two numbers"):
             DiffusionPrior(t_range=bad)
     for bad in (0, True, 1.5):
         with pytest.raises(ClipguideError, match="copies must be a positive integer"):
