@@ -92,6 +92,7 @@ def cosine(image_emb: Tensor, target_emb: Tensor) -> Tensor:
 
 
 def check_images(images: Tensor) -> None:
+    """ClipguideError unless ``images`` is a floating-point tensor [B, 3, H, W] (what every image loss takes)."""
     if not isinstance(images, Tensor) or not images.is_floating_point():
         raise ClipguideError("images must be a floating-point tensor [B, 3, H, W]")
     if images.ndim != 4 or images.shape[1] != 3:
