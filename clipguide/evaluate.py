@@ -121,7 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backend-options", type=_json_object, default=None, metavar="JSON",
                         help='options of the backend, e.g. \'{"colors": 2}\'')
     parser.add_argument("--guidance-options", type=_json_object, default={}, metavar="JSON",
-                        help='guidance settings (GuidanceConfig fields), e.g. \'{"regularisers": {"border": 5}}\'')
+                        help='guide() keywords: GuidanceConfig fields and retries / accept_score, e.g. '
+                             '\'{"regularisers": {"border": 5}, "retries": 2}\' (backend settings go in '
+                             '--backend-options)')
     parser.add_argument("--from-truth", action="store_true", help="start every run from the true picture")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(fn=_run)
