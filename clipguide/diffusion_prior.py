@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .diffusion import predict_x0
 from .errors import ClipguideError
-from .generators.diffusion import DiffusionModel, load_diffusion
+from .generators.diffusion import DiffusionModel, _whole, load_diffusion
 from .losses import IMAGE_LOSSES, check_images
 
 
@@ -79,8 +79,7 @@ class DiffusionPrior:
         low, high = self.t_range
         if not 0 <= low < high <= 1:
             raise ClipguideError(f"diffusion_prior t_range needs 0 <= low < high <= 1, got {self.t_range}")
-        if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 1:
-            raise ClipguideError(f"diffusion_prior copies must be a positive integer, got {self.copies!r}")
+        _whole("diffusion_prior copies", self.copies, 1)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """images [B, 3, H, W] in [0, 1] (differentiable) -> [B] mean squared distance, in the model's [-1, 1]
@@ -102,8 +101,7 @@ class DiffusionPrior:
             clean = x.detach().float().repeat(self.copies, 1, 1, 1)
             noise = torch.randn(clean.shape, generator=generator, device=x.device)
             x_t = a.sqrt() * clean + (1 - a).sqrt() * noise
-            dtype = next(model.unet.parameters()).dtype
-            out = model.unet(x_t.to(dtype), t).sample.float()
+            out = model.unet(x_t.to(model.unet.dtype), t).sample.float()
             x0 = predict_x0(out, x_t, a, model.scheduler.config.prediction_type).clamp(-1, 1)
             x0 = x0.view(self.copies, batch, *x.shape[1:]).mean(0).to(x.dtype)
         return (x - x0).pow(2).mean(dim=(1, 2, 3))

@@ -39,6 +39,20 @@ def tiny_unet(prediction_type: str = "epsilon", sample_size: int = 16):
     return unet, DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
 
 
+def tiny_latent_model():
+    """A random latent UNet2DModel (8 px latents, 4 channels) with an AutoencoderKL (factor 2) and a DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+
+    from clipguide.generators.diffusion import DiffusionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return DiffusionModel(unet, DDIMScheduler(), vae)
+
+
 @pytest.fixture(scope="session")
 def tiny_diffusion_path(tmp_path_factory):
     from clipguide.train_diffusion import save_pipeline

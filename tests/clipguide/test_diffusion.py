@@ -8,14 +8,14 @@ import pytest
 import torch
 from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel, UNet2DModel)
+                       UNet2DConditionModel)
 
 from clipguide import CLIPGuidance, ClipguideError, guide
 from clipguide.diffusion import (DiffusionGuidanceConfig, GuidedForward, alpha_bar, attach, decoder_for,
                                  output_correction, predict_x0, renoise)
 from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel, _x0_images, load_diffusion
 
-from .conftest import tiny_unet
+from .conftest import tiny_latent_model, tiny_unet
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 
@@ -633,12 +633,7 @@ def test_previews_are_x0_estimates(perceptor, tiny_diffusion_path):
 
 
 def test_latent_unet_through_guide_and_size_checks(perceptor):
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
-    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    model = DiffusionModel(unet, DDIMScheduler(), vae)
+    model = tiny_latent_model()
     assert model.size_multiple == 4 and model.native_size == (16, 16)
     result = guide("a red circle", backend="diffusion", clip=perceptor, steps=2, size=16, cutn=2,
                    backend_options={"model": model, "scheduler": None, "scale": 100.0})

@@ -3,7 +3,6 @@ shipped model cleaning a noisy picture until the oracle reads it."""
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DModel
 
 from clipguide import CLIPGuidance, ClipguideError, guide
 from clipguide.diffusion_prior import DiffusionPrior
@@ -11,7 +10,7 @@ from clipguide.generators.diffusion import DiffusionModel
 from clipguide.losses import IMAGE_LOSSES
 from core_clip import shapes
 
-from .conftest import tiny_unet
+from .conftest import tiny_latent_model, tiny_unet
 
 
 def gen(seed=0):
@@ -94,12 +93,7 @@ def test_bad_settings_and_latent_models_are_refused():
     for bad in (0, True, 1.5):
         with pytest.raises(ClipguideError, match="copies must be a positive integer"):
             DiffusionPrior(copies=bad)
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
-    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    latent = DiffusionPrior(DiffusionModel(unet, tiny_unet()[1], vae))
+    latent = DiffusionPrior(tiny_latent_model())
     with pytest.raises(ClipguideError, match="pixel-space diffusion model, got a latent one"):
         latent(torch.rand(1, 3, 16, 16), gen())
     with pytest.raises(ClipguideError, match=r"must be \[B, 3, H, W\]"):
