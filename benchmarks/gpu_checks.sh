@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU figure the benchmarks print, in priority order, each under its own time limit and all inside one
 # deadline (a lent GPU's time is short). Logs go to $OUT (default gpu-logs/). Carried wheels in .whl/ are installed
-# first when present (the device image has torch but not open_clip, diffusers, taming or kornia).
+# first when present (the device image has torch but not open_clip, diffusers, taming or kornia). Fetch them with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 diffusers==0.42.1 kornia==0.9.0 \
+#       kornia_rs==0.2.0 ftfy==6.3.1 wcwidth importlib_metadata taming-transformers-rom1504==0.0.6 omegaconf==2.4.0
 #
 #   bash benchmarks/gpu_checks.sh [SECONDS]          # default deadline 530 s; checks past it are skipped
 set -u
@@ -31,11 +34,12 @@ check() {  # NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to $OUT
     echo "   [$name: rc $rc, $((SECONDS - start)) s]"
 }
 
+check train-b32c 110 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20 --compile
 check diffusion  220 python3 benchmarks/diffusion_step.py --steps 10 --compile --only b
-check train-b32   60 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20
+check train-b32cc 140 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20 --compile --compile-theirs
+check train-b32   90 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 20 --profile
 check paths       60 python3 benchmarks/cuda_paths.py
 check vqgan      100 python3 benchmarks/vqgan_step.py --steps 10 --compile
-check train-b32c 120 python3 benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 10 --compile
 check train-tiny  30 python3 benchmarks/train_throughput.py --model shapes-tiny --batch-size 256 --precision bf16 --steps 20
 check guide      120 python3 benchmarks/guide_step.py --steps 20 --compile
 check diffusion-a 60 python3 benchmarks/diffusion_step.py --steps 10 --compile --only a

@@ -10,6 +10,11 @@ Prints samples/s for each and the ratio (ours / theirs).
     python benchmarks/train_throughput.py --model shapes-tiny --batch-size 256
     python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 32 --steps 5
     python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --device cuda
+    python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --compile --compile-theirs
+
+With --profile, a few more steps of each side run under torch.profiler and the script prints, per step, the time the
+device spent in kernels against the wall time: a step whose kernels fill well under its wall time is bound by the
+host launching them (fewer, fused kernels help there), one near 100% by the device's arithmetic.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from open_clip_train.train import train_one_epoch
 
 from core_clip.data import Batch
 from core_clip.train import TrainConfig, Trainer, param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guide_step import _warm_up  # noqa: E402  (same folder)
 
 CAPTIONS = ["a red circle", "a small blue square on the left", "a photo of a large green triangle",
             "a yellow circle on a purple background", "the digit seven", "a handwritten 3"]
@@ -67,7 +75,10 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--compile", action="store_true", help="core_clip's --compile (open_clip_train's side eager)")
+    parser.add_argument("--compile", action="store_true", help="core_clip's --compile")
+    parser.add_argument("--compile-theirs", action="store_true",
+                        help="torch.compile open_clip_train's model too, as its --torchcompile does")
+    parser.add_argument("--profile", action="store_true", help="CUDA only: print kernel-busy time per step for both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -80,6 +91,7 @@ def main() -> None:
     device = ours.device
     theirs_model = copy.deepcopy(ours.model.clip)
     theirs_model.output_dict = True
+    theirs_net = torch.compile(theirs_model) if args.compile_theirs else theirs_model
     size = ours.model.image_size
 
     g = torch.Generator().manual_seed(0)
@@ -102,7 +114,7 @@ def main() -> None:
     loss = open_clip.ClipLoss()
 
     def run_theirs(data):
-        train_one_epoch(theirs_model, {"train": _DataInfo(_Loader(data))}, loss, 0, optimizer, scaler, None, None,
+        train_one_epoch(theirs_net, {"train": _DataInfo(_Loader(data))}, loss, 0, optimizer, scaler, None, None,
                         oc_args)
 
     def timed(fn, data) -> float:
@@ -113,18 +125,43 @@ def main() -> None:
         _sync(device)
         return time.perf_counter() - start
 
+    def run_ours(data):
+        for b in data:
+            ours._train_step([b])
+
+    if device.type == "cuda":
+        _warm_up(device)
     t_theirs = timed(run_theirs, list(loader))
-    t_ours = timed(lambda data: [ours._train_step([b]) for b in data], batches)
+    t_ours = timed(run_ours, batches)
     samples = args.steps * args.batch_size
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads)"
-    print(f"{args.model}, batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}, "
-          f"{args.steps} steps on {name}")
+    compiled = {(False, False): "", (True, False): ", core_clip compiled", (False, True): ", open_clip compiled",
+                (True, True): ", both compiled"}[args.compile, args.compile_theirs]
+    print(f"{args.model}, batch {args.batch_size}, {args.precision}{compiled}, {args.steps} steps on {name}")
     print(f"open_clip_train : {samples / t_theirs:9.1f} samples/s")
     print(f"core_clip       : {samples / t_ours:9.1f} samples/s")
     print(f"ratio           : {t_theirs / t_ours:9.2f}x")
     if device.type == "cuda":
         print(f"peak memory     : {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (both runs)")
+    if args.profile and device.type == "cuda":
+        for side, fn, data in (("open_clip_train", run_theirs, list(loader)[2:]), ("core_clip", run_ours, batches[2:])):
+            busy, wall = _busy(fn, data, device)
+            print(f"{side:<16}: device busy {busy:7.1f} of {wall:7.1f} ms per step ({100 * busy / wall:.0f}%)")
 
+
+def _busy(fn, data, device: torch.device) -> tuple[float, float]:
+    """(ms of CUDA kernels, ms of wall time) per step of ``fn(data)`` under torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn(data)
+        _sync(device)
+        wall = time.perf_counter() - start
+    busy_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return busy_us / 1000 / len(data), 1000 * wall / len(data)
 
 if __name__ == "__main__":
     main()
