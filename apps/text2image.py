@@ -562,7 +562,7 @@ class Text2Image:
                 elapsed = time.perf_counter() - start
                 first_preview = elapsed if first_preview is None else first_preview
                 eta = _eta(elapsed, step, total)
-                retry = " (retrying: CLIP found a picture unlike its prompt)" if total > settings.steps else ""
+                retry = " (retrying: a picture failed its checks)" if total > settings.steps else ""
                 progress((step, total), desc=f"step {step}/{total}, ETA {eta}", unit="steps")
                 yield (image, gr.skip(), f"Step {step}/{total}{retry} ({label}), {elapsed:.1f} s, ETA {eta}",
                        gr.skip(), gr.skip(), gr.skip())
@@ -649,7 +649,8 @@ class Text2Image:
                                                 label="CLIP model(s) (local only)")
                         retries = gr.Number(value=None, precision=0, minimum=0, maximum=MAX_RETRIES,
                                             label="Retries: redraw a picture that CLIP scores below a true pair "
-                                                  "(blank: the backend's default, 2 for diffusion)")
+                                                  "(or, under a recipe's denoise judge, one unlike real pictures; "
+                                                  "blank: the recipe's or backend's default, 2 for diffusion)")
                     with gr.Row():
                         run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")

@@ -15,8 +15,10 @@ from .guidance import CLIPGuidance, GuidanceConfig
 from .guide import GuideResult, guide, retry_seed
 from .perceptor import Perceptor
 from .prompts import Prompt, parse_prompts
+from .recipes import RECIPES, Recipe
 
 __all__ = [
     "CLIPGuidance", "ClipguideError", "GENERATORS", "GuidanceConfig", "GuidanceError", "GuideResult", "Perceptor",
-    "Prompt", "PromptError", "UnknownNameError", "deterministic", "guide", "parse_prompts", "retry_seed",
+    "Prompt", "PromptError", "RECIPES", "Recipe", "UnknownNameError", "deterministic", "guide", "parse_prompts",
+    "retry_seed",
 ]

@@ -48,7 +48,8 @@ def cmd_generate(args) -> None:
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
                    progress=not args.json, device=args.device, compile=args.compile, retries=args.retries,
-                   accept_score=args.accept_score,
+                   accept_score=args.accept_score, denoise_judge=args.denoise_judge, accept_error=args.accept_error,
+                   recipe=None if args.no_recipe else "auto",
                    **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts),
                                         ("regularisers", dict(args.regulariser))) if v},
                    backend_options=backend_options)
@@ -64,7 +65,8 @@ def cmd_generate(args) -> None:
     emit({"out": str(paths[0]), "outs": [str(p) for p in paths], "clip_score": round(result.clip_score[0], 4),
           "clip_scores": [round(s, 4) for s in result.clip_score], "seconds": round(result.seconds, 3),
           "steps": result.steps, "attempts": result.attempts, "backend": args.backend, "seed": args.seed,
-          "clip": args.clip, "loss": round(guided[-1], 6) if guided else None},
+          "clip": args.clip, "loss": round(guided[-1], 6) if guided else None,
+          "denoise_errors": None if result.denoise_error is None else [round(e, 3) for e in result.denoise_error]},
          args.json,
          [f"{p}  clip_score {s:.2f}" for p, s in zip(paths, result.clip_score)]
          + [f"{result.steps} steps in {result.seconds:.1f} s ({args.backend}, seed {args.seed}{retried})"])
@@ -143,10 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polish", type=int_at_least(0, "a non-negative integer"),
                    help="diffusion: noisy copies whose x0 estimates are averaged at the end (0: off; default 16)")
     p.add_argument("--retries", type=int_at_least(0, "a non-negative integer"),
-                   help="redraw a picture scoring below --accept-score up to N times, keeping the best "
+                   help="redraw a picture scoring below --accept-score (or failing --denoise-judge) up to N times, keeping the best "
                         "(default: 2 for guided diffusion, else 0)")
     p.add_argument("--accept-score", type=float_where(lambda x: 0 <= x <= 100, "a CLIP score in [0, 100]"),
                    help="CLIP score a picture must reach (default: the CLIP's calibrated match score)")
+    p.add_argument("--denoise-judge", metavar="MODEL",
+                   help="a pixel diffusion model (e.g. shapes) that also judges each picture: one it would change "
+                        "by more than --accept-error when cleaning it is redrawn too (see --retries)")
+    p.add_argument("--accept-error", type=float_where(lambda x: x > 0, "a positive number"),
+                   help="denoise error (RMS, 0-255 levels) a picture may have (default: the judge's calibrated "
+                        "value)")
+    p.add_argument("--no-recipe", action="store_true",
+                   help="ignore the recipe registered for this CLIP and backend (clipguide.recipes; the shipped "
+                        "shapes CLIP has one for pixels) and use the backend's own defaults")
     p.add_argument("--model", help="the vqgan or diffusion backend's model: a shipped or public name, or a path")
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
     p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")

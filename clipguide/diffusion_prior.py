@@ -47,7 +47,7 @@ def _cached(model: Union[str, os.PathLike], device: str) -> DiffusionModel:
     return load_diffusion(model, device)
 
 
-def _pixel_model(model: Union[str, os.PathLike, DiffusionModel], device: torch.device) -> DiffusionModel:
+def pixel_model(model: Union[str, os.PathLike, DiffusionModel], device: torch.device) -> DiffusionModel:
     """The model on ``device`` (names and folders are loaded once per device); ClipguideError for a latent model."""
     loaded = load_diffusion(model, device) if isinstance(model, DiffusionModel) else _cached(model, str(device))
     if loaded.vae is not None:
@@ -86,25 +86,41 @@ class DiffusionPrior:
         units, of each image from the model's x0 estimates of its noised copies (the estimates carry no gradient).
         Resized by area averaging (or bilinearly, when smaller) to the model's native size."""
         check_images(images)
-        model = _pixel_model(self.model, images.device)
-        width, height = model.native_size
-        mode = "area" if images.shape[2] >= height and images.shape[3] >= width else "bilinear"
-        x = F.interpolate(images, size=(height, width), mode=mode) * 2 - 1
+        model = pixel_model(self.model, images.device)
+        x = to_model_pixels(images, model)
         batch = len(x)
-        alpha_bar = model.scheduler.alphas_cumprod.to(x.device, torch.float32)
-        steps = len(alpha_bar)
-        low = int(self.t_range[0] * (steps - 1))
-        high = max(int(self.t_range[1] * (steps - 1)), low + 1)     # at least one timestep to draw
         with torch.no_grad():
-            t = torch.randint(low, high, (self.copies * batch,), generator=generator, device=x.device)
-            a = alpha_bar[t].view(-1, 1, 1, 1)
+            t = draw_timesteps(model, self.t_range, self.copies * batch, generator, x.device)
             clean = x.detach().float().repeat(self.copies, 1, 1, 1)
             noise = torch.randn(clean.shape, generator=generator, device=x.device)
-            x_t = a.sqrt() * clean + (1 - a).sqrt() * noise
-            out = model.unet(x_t.to(model.unet.dtype), t).sample.float()
-            x0 = predict_x0(out, x_t, a, model.scheduler.config.prediction_type).clamp(-1, 1)
-            x0 = x0.view(self.copies, batch, *x.shape[1:]).mean(0).to(x.dtype)
+            x0 = estimate_x0(model, clean, t, noise).view(self.copies, batch, *x.shape[1:]).mean(0).to(x.dtype)
         return (x - x0).pow(2).mean(dim=(1, 2, 3))
 
+
+def to_model_pixels(images: Tensor, model: DiffusionModel) -> Tensor:
+    """images [B, 3, H, W] in [0, 1] -> [B, 3, h, w] in [-1, 1] at the model's native size (area-averaged when
+    larger, bilinear when smaller); differentiable."""
+    width, height = model.native_size
+    mode = "area" if images.shape[2] >= height and images.shape[3] >= width else "bilinear"
+    return F.interpolate(images, size=(height, width), mode=mode) * 2 - 1
+
+
+def draw_timesteps(model: DiffusionModel, t_range: tuple[float, float], n: int, generator: torch.Generator,
+                   device: torch.device) -> Tensor:
+    """n timesteps [n] drawn uniformly from the ``t_range`` fractions of the model's training timesteps."""
+    steps = len(model.scheduler.alphas_cumprod)
+    low = int(t_range[0] * (steps - 1))
+    high = max(int(t_range[1] * (steps - 1)), low + 1)     # at least one timestep to draw
+    return torch.randint(low, high, (n,), generator=generator, device=device)
+
+
+def estimate_x0(model: DiffusionModel, clean: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """The model's x0 estimate [N, 3, h, w] (float32, clamped to [-1, 1]) of ``clean`` [N, 3, h, w] in [-1, 1]
+    noised with ``noise`` to timesteps ``t`` [N]; no gradient."""
+    with torch.no_grad():
+        a = model.scheduler.alphas_cumprod.to(clean.device, torch.float32)[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * clean + (1 - a).sqrt() * noise
+        out = model.unet(x_t.to(model.unet.dtype), t).sample.float()
+        return predict_x0(out, x_t, a, model.scheduler.config.prediction_type).clamp(-1, 1)
 
 IMAGE_LOSSES.register("diffusion_prior")(DiffusionPrior())

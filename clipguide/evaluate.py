@@ -77,6 +77,7 @@ def evaluate(case_list: Sequence[Case], *, progress: bool = True, from_truth: bo
         reading = shapes.read(result.tensor[0])
         rows.append({"prompt": case.prompt, "reading": reading, "seconds": result.seconds,
                      "clip_score": result.clip_score[0], "attempts": result.attempts[0],
+                     "denoise_error": result.denoise_error[0] if result.denoise_error else None,
                      "right": {k: reading[k] == getattr(case, k) for k in ("color", "background", "shape")}})
     n = len(rows)
     summary = {k: sum(r["right"][k] for r in rows) / n for k in ("color", "background", "shape")}
@@ -121,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backend-options", type=_json_object, default=None, metavar="JSON",
                         help='options of the backend, e.g. \'{"colors": 2}\'')
     parser.add_argument("--guidance-options", type=_json_object, default={}, metavar="JSON",
-                        help='guide() keywords: GuidanceConfig fields and retries / accept_score, e.g. '
+                        help='guide() keywords: GuidanceConfig fields and retries / accept_score / denoise_judge / '
+                             'accept_error, e.g. '
                              '\'{"regularisers": {"border": 5}, "retries": 2}\' (backend settings go in '
                              '--backend-options)')
     parser.add_argument("--from-truth", action="store_true", help="start every run from the true picture")

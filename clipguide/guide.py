@@ -18,12 +18,15 @@ from tqdm.auto import tqdm
 from core_clip.model import is_clip_score
 from core_clip.preprocess import Images, as_image_batch, open_image
 
+from .denoise_judge import calibrated_error, denoise_error
 from .determinism import deterministic
+from .diffusion_prior import pixel_model
 from .errors import ClipguideError
 from .generators import GENERATORS, check_options
 from .guidance import CLIPGuidance, PromptsLike, as_prompts
 from .perceptor import ModelSpec, Perceptor
 from .prompts import Prompt, negative_prompts, parse_prompts
+from .recipes import Recipe, recipe_for
 
 @dataclass
 class GuideResult:
@@ -33,7 +36,8 @@ class GuideResult:
     losses: one dict per step run, retries included (batch means: "total", one entry per prompt, one per
     regulariser); clip_score: per image, ``100 * max(cos, 0)`` against the positive prompts' targets under the first
     perceptor model (averaged over those prompts); steps: optimisation / sampling steps actually run, retries
-    included; seconds: wall time; attempts: per image, how many pictures were drawn for it (1 + its retries).
+    included; seconds: wall time; attempts: per image, how many pictures were drawn for it (1 + its retries);
+    denoise_error: per image, its :func:`~clipguide.denoise_judge.denoise_error` when a ``denoise_judge`` was given.
     """
 
     image: Image.Image
@@ -44,10 +48,11 @@ class GuideResult:
     steps: int
     seconds: float
     attempts: list[int]
+    denoise_error: Optional[list[float]] = None
 
     @property
     def retries(self) -> int:
-        """Pictures drawn again because they scored below the accepted CLIP score, over the whole batch."""
+        """Pictures drawn again because they failed a test (CLIP score, denoise error), over the whole batch."""
         return sum(self.attempts) - len(self.attempts)
 
 
@@ -99,6 +104,54 @@ def _retry_policy(retries: Optional[int], accept_score: Optional[float], factory
     return retries, threshold
 
 
+def _clip_name(clip: Union[ModelSpec, Sequence[ModelSpec], Perceptor]) -> Optional[str]:
+    """The name of the single CLIP model ``clip`` stands for (a name, a model or a one-model perceptor), else None."""
+    if isinstance(clip, Perceptor):
+        return clip.members[0].model.name if len(clip.members) == 1 else None
+    if isinstance(clip, str):
+        return clip
+    return getattr(clip, "name", None) if isinstance(getattr(clip, "name", None), str) else None
+
+
+def _apply_recipe(recipe: Union[str, Recipe, None], clip, backend: str, settings: dict,
+                  guidance_options: dict) -> None:
+    """Fill the unset entries of ``settings`` (steps, backend_options, retries, denoise_judge, accept_error) and of
+    ``guidance_options`` in place from ``recipe`` ("auto": the one registered for ``clip`` and ``backend``)."""
+    if recipe == "auto":
+        recipe = recipe_for(_clip_name(clip), backend)
+    elif recipe is not None and not isinstance(recipe, Recipe):
+        raise ClipguideError(f"recipe must be 'auto', None or a Recipe, got {recipe!r}")
+    if recipe is None:
+        return
+    if settings["steps"] is None:
+        settings["steps"] = recipe.steps
+    settings["backend_options"] = {**recipe.backend_options, **settings["backend_options"]}
+    if settings["retries"] is None:
+        settings["retries"] = recipe.retries
+    if settings["denoise_judge"] is None and settings["accept_error"] is None:
+        settings["denoise_judge"] = recipe.denoise_judge
+    for name, value in recipe.guidance.items():
+        guidance_options.setdefault(name, value)
+
+
+def _judge_policy(denoise_judge, accept_error: Optional[float], device: torch.device) -> Optional[float]:
+    """The denoise error a picture may have to be kept (None: no judge); see :func:`guide`. Loads the judge's
+    model, so that a wrong one fails before any sampling."""
+    if denoise_judge is None:
+        if accept_error is not None:
+            raise ClipguideError("accept_error needs a denoise_judge (a pixel diffusion model, e.g. 'shapes')")
+        return None
+    pixel_model(denoise_judge, device)
+    if accept_error is None:
+        accept_error = calibrated_error(denoise_judge)
+        if accept_error is None:
+            raise ClipguideError(f"denoise_judge {denoise_judge!r} has no calibrated denoise error (see python -m "
+                                 "clipguide.denoise_judge), so pass accept_error")
+    elif isinstance(accept_error, bool) or not isinstance(accept_error, (int, float)) or not accept_error > 0:
+        raise ClipguideError(f"accept_error must be a positive number (0-255 levels), got {accept_error!r}")
+    return float(accept_error)
+
+
 def _init_tensor(init_image: Union[str, os.PathLike, Images, None], width: int, height: int,
                  device: torch.device) -> Optional[torch.Tensor]:
     if init_image is None:
@@ -146,7 +199,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
           callback: Optional[Callable[[int, dict, torch.Tensor], None]] = None,
           frames: Union[str, os.PathLike, None] = None, frame_every: int = 1, progress: bool = False,
           retries: Optional[int] = None, accept_score: Optional[float] = None,
-          device: Union[str, torch.device, None] = None, compile: bool = False, **guidance_options) -> GuideResult:
+          denoise_judge: Union[str, os.PathLike, None] = None, accept_error: Optional[float] = None,
+          recipe: Union[str, Recipe, None] = "auto", device: Union[str, torch.device, None] = None, compile: bool = False, **guidance_options) -> GuideResult:
     """Steer ``backend`` towards ``prompts`` with CLIP and return the pictures.
 
     Args:
@@ -174,6 +228,16 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             parts ("a red circle | a blue background") scores lower than one caption of the same picture.
         accept_score: the CLIP score a picture must reach; None: the first CLIP model's calibrated ``match_score``
             (the score 99% of its true image-caption pairs reach; ``core-clip calibrate``).
+        denoise_judge: a pixel-space diffusion model (shipped name or folder) that also judges each picture: one
+            that the model would change by more than ``accept_error`` when cleaning it
+            (:func:`~clipguide.denoise_judge.denoise_error`) is drawn again too, and among a picture's attempts the
+            one passing more tests is kept (the higher CLIP score breaks ties). None: CLIP score alone.
+        accept_error: the denoise error (RMS, 0-255 levels) a picture may have; None: the judge's calibrated value
+            (the error 99% of real pictures of its domain stay under).
+        recipe: "auto": settings left unset here (None, or absent from ``backend_options`` and
+            ``guidance_options``) come from the :class:`~clipguide.recipes.Recipe` registered for this CLIP model and
+            backend, when there is one (the shipped ``shapes`` CLIP has one for ``pixels``); None: the backend's and
+            the guidance's own defaults; or a Recipe to use instead.
         compile: torch.compile the CLIP image towers and the backend's decoder (CUDA graphs on CUDA; see
             :mod:`clipguide.compiling`): tens of seconds up front for faster steps, worth it for long runs.
             Ignored for a ready :class:`Perceptor` passed as ``clip`` (give it ``compile=True`` yourself).
@@ -183,7 +247,11 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     """
     start = time.perf_counter()
     factory = GENERATORS.get(backend)
-    options = dict(backend_options or {})
+    settings = dict(steps=steps, backend_options=dict(backend_options or {}), retries=retries,
+                    denoise_judge=denoise_judge, accept_error=accept_error)
+    _apply_recipe(recipe, clip, backend, settings, guidance_options)
+    steps, options, retries, denoise_judge = (settings[k] for k in ("steps", "backend_options", "retries",
+                                                                     "denoise_judge"))
     check_options(factory, backend, options)
     width, height = parse_size(size) if size is not None else factory.native_size(**options)
     steps = factory.default_steps if steps is None else steps
@@ -204,6 +272,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     perceptor = clip if isinstance(clip, Perceptor) else Perceptor(clip, device=device, compile=compile)
     retries, accept = _retry_policy(retries, accept_score, factory, options, all_prompts, perceptor)
+    max_error = _judge_policy(denoise_judge, accept_error, perceptor.device)
     init = _init_tensor(init_image, width, height, perceptor.device)
 
     guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
@@ -216,15 +285,23 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             backend_impl.compile_decode()
         return backend_impl, generator
 
-    def draw(attempt_seed: int, prepared: tuple, on_step: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(attempt_seed: int, prepared: tuple, on_step: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The prepared backend's pictures [count, 3, H, W] in [0, 1], guided with cutouts seeded ``attempt_seed``,
-        and their CLIP scores [count]."""
+        their CLIP scores [count] and denoise errors [count] (NaN without a judge)."""
         backend_impl, generator = prepared
         guidance.reseed(attempt_seed)
         with deterministic(perceptor.device):
             pictures = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
-        return pictures, guidance.clip_score(pictures)
+            errors = (denoise_error(pictures, denoise_judge) if denoise_judge is not None
+                      else torch.full((len(pictures),), math.nan, device=pictures.device))
+        return pictures, guidance.clip_score(pictures), errors
 
+    def merit(score: torch.Tensor, error: torch.Tensor) -> tuple[int, float]:
+        """(tests passed, CLIP score): a picture passing every test is accepted; higher is kept."""
+        passed = int(score >= accept) + (int(error <= max_error) if max_error is not None else 0)
+        return passed, float(score)
+
+    tests = 1 + (max_error is not None)
     first = prepare(seed, batch, options)  # bad settings fail here, before any progress is shown
     retry_options = {**options, **first[0].shared_options()}
     history: list[dict] = []
@@ -247,24 +324,24 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
         return on_step
 
     try:
-        images, scores = draw(seed, first, reporter(lambda x: x))
+        images, scores, errors = draw(seed, first, reporter(lambda x: x))
         attempts = [1] * batch
         for i in range(batch):
             for k in range(1, retries + 1):
-                if scores[i] >= accept:
+                if merit(scores[i], errors[i])[0] == tests:
                     break
                 bar.total += steps
                 bar.refresh()
                 view = lambda x, i=i: torch.cat([images[:i], x, images[i + 1:]])  # noqa: E731
                 attempt_seed = retry_seed(seed, i, k)
-                picture, score = draw(attempt_seed, prepare(attempt_seed, 1, retry_options), reporter(view))
+                picture, score, error = draw(attempt_seed, prepare(attempt_seed, 1, retry_options), reporter(view))
                 attempts[i] += 1
-                if score[0] > scores[i]:
-                    images[i], scores[i] = picture[0], score[0]
+                if merit(score[0], error[0]) > merit(scores[i], errors[i]):
+                    images[i], scores[i], errors[i] = picture[0], score[0], error[0]
     finally:
         bar.close()
     if writer is not None:
         writer.finish()
     return GuideResult(image=to_pil(images[:1])[0], images=to_pil(images), tensor=images.cpu(), losses=history,
                        clip_score=scores.tolist(), steps=len(history), seconds=time.perf_counter() - start,
-                       attempts=attempts)
+                       attempts=attempts, denoise_error=errors.tolist() if max_error is not None else None)

@@ -7,9 +7,10 @@ from PIL import Image
 from clipguide.cli import main
 
 
-def generate(capsys, *args):
+def generate(capsys, *args, recipe=False):
+    """Run `clipguide generate ARGS`; without ``recipe``, --no-recipe (the plain backends these tests are about)."""
     try:
-        code = main(["generate", *args])
+        code = main(["generate", *args, *([] if recipe else ["--no-recipe"])])
     except SystemExit as e:  # argparse's own argument errors
         code = e.code
     out, err = capsys.readouterr()
@@ -46,6 +47,16 @@ def test_generate_reports_retries(capsys, tmp_path):
     assert report["attempts"] == [2] and report["steps"] == 2
     code, out, err = generate(capsys, *args, "--retries", "2", "--accept-score", "100")
     assert code == 0 and out.strip().endswith("(pixels, seed 0, 2 retries)")
+
+
+def test_generate_uses_the_recipe_of_the_clip_and_backend(capsys, tmp_path):
+    args = ("a red circle", "--steps", "1", "--cutn", "2", "--out", str(tmp_path / "x.png"), "--json")
+    code, out, err = generate(capsys, *args, "--retries", "0", recipe=True)
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["attempts"] == [1] and len(report["denoise_errors"]) == 1 and report["denoise_errors"][0] > 0
+    code, out, err = generate(capsys, *args)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["denoise_errors"] is None
 
 
 def test_generate_loss_and_cutouts_flags(capsys, tmp_path):
@@ -114,6 +125,9 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--regulariser", "tv"], "expected NAME=WEIGHT, got 'tv'"),
     (["--regulariser", "tv=nan"], "expected a finite number"),
     (["--regulariser", "nope=1"], "unknown image loss 'nope'"),
+    (["--accept-error", "0"], "--accept-error: expected a positive number, got 0"),
+    (["--accept-error", "3"], "accept_error needs a denoise_judge"),
+    (["--denoise-judge", "nope"], "diffusion model 'nope' is neither a shipped name"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)

@@ -1,0 +1,121 @@
+"""Judge a finished picture by how much a pixel-space diffusion model would change it.
+
+A small CLIP scores a clean red circle and a red smudge of the right colours alike; a denoiser does not. Noised to a
+moderate level (10-30% of the training timesteps) and denoised again, a picture of the model's domain comes back
+nearly as it was, while a smudge comes back as the nearest thing the model knows: a cleaner shape, a flat fill.
+:func:`denoise_error` measures that change as an RMS in 0-255 grey levels, with the same fixed noise draws for every
+picture, so a picture's error depends on the picture alone (not on its batch or on the run's seed).
+
+:func:`guide` uses it to decide which pictures to draw again (``denoise_judge=``, ``accept_error=``). The error a
+picture may have defaults to the model's calibration: the error that 99% of real pictures of its training domain
+stay under, measured by :func:`calibrate` and stored beside the model's weights (``calibration.json``)::
+
+    python -m clipguide.denoise_judge --model shapes --n 2000 --write
+
+On the shipped ``shapes`` model, real 64 px ShapesWorld pictures have a median error near 2.7 levels and a 99th
+percentile near 4; guided pictures of the right colours but no readable shape reach 4.5 to 12.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .diffusion_prior import draw_timesteps, estimate_x0, pixel_model, to_model_pixels
+from .errors import ClipguideError
+from .generators.diffusion import DiffusionModel, _folder
+from .losses import check_images
+from .training import shapes_batch
+
+T_RANGE = (0.1, 0.3)
+COPIES = 16
+CALIBRATION = "calibration.json"
+
+ModelLike = Union[str, os.PathLike, DiffusionModel]
+
+
+def denoise_error(images: Tensor, model: ModelLike = "shapes", *, t_range: tuple[float, float] = T_RANGE,
+                  copies: int = COPIES, seed: int = 0, batch_size: int = 32) -> Tensor:
+    """images [B, 3, H, W] in [0, 1] -> [B] RMS difference, in 0-255 levels, between each picture (at the model's
+    native size) and the model's clean estimate of it, averaged over ``copies`` noisings at timesteps drawn from the
+    ``t_range`` fractions. The draws come from ``seed`` and are the same for every picture. No gradient."""
+    check_images(images)
+    model = pixel_model(model, images.device)
+    generator = torch.Generator(images.device).manual_seed(seed)
+    with torch.no_grad():
+        x = to_model_pixels(images.detach().float(), model)
+        t = draw_timesteps(model, t_range, copies, generator, x.device)
+        noise = torch.randn((copies, *x.shape[1:]), generator=generator, device=x.device)
+        errors = []
+        for chunk in x.split(max(1, batch_size // copies)):
+            n = len(chunk)
+            clean = chunk.repeat_interleave(copies, dim=0)
+            x0 = estimate_x0(model, clean, t.repeat(n), noise.repeat(n, 1, 1, 1)).view(n, copies, *x.shape[1:])
+            errors.append((chunk - x0.mean(1)).pow(2).mean(dim=(1, 2, 3)))
+    # [-1, 1] units -> [0, 1] (half the distance) -> 0-255 levels
+    return torch.cat(errors).sqrt() * (255 / 2)
+
+
+def calibrated_error(model: ModelLike = "shapes") -> Optional[float]:
+    """The error that the model's calibration stores (see :func:`calibrate`), or None when it has none (an
+    in-memory model, or a folder without ``calibration.json``)."""
+    if isinstance(model, DiffusionModel) or hasattr(model, "unet"):
+        return None
+    path = _folder(model) / CALIBRATION
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("denoise_error")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ClipguideError(f"{path}: denoise_error must be a positive number, got {value!r}")
+    return float(value)
+
+
+def calibrate(images: Tensor, model: ModelLike = "shapes", quantile: float = 0.99, batch_size: int = 64,
+              progress: bool = False) -> float:
+    """The ``quantile`` of :func:`denoise_error` over real pictures ``images`` [N, 3, H, W] in [0, 1] of the
+    model's domain: the error a guided picture may have and still pass for one of them."""
+    if not 0 < quantile < 1:
+        raise ClipguideError(f"quantile must be in (0, 1), got {quantile!r}")
+    errors = [denoise_error(chunk, model) for chunk in tqdm(images.split(batch_size), disable=not progress,
+                                                            desc="denoise error", leave=False)]
+    return float(np.quantile(torch.cat(errors).cpu().numpy(), quantile))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipguide.denoise_judge",
+                                     description="Calibrate a pixel diffusion model's denoise error on ShapesWorld.")
+    parser.add_argument("--model", default="shapes", help="shipped diffusion model name or pipeline folder")
+    parser.add_argument("--n", type=int, default=2000, help="real ShapesWorld pictures (64 px) to measure")
+    parser.add_argument("--quantile", type=float, default=0.99)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--write", action="store_true", help=f"store the value in the model folder's {CALIBRATION}")
+    args = parser.parse_args(argv)
+    try:
+        if args.n < 1:
+            raise ClipguideError(f"--n must be a positive integer, got {args.n}")
+        value = calibrate((shapes_batch(0, args.n, 64, args.seed) + 1) / 2, args.model, args.quantile, progress=True)
+        record = {"denoise_error": round(value, 3), "quantile": args.quantile, "n": args.n, "data": "shapes",
+                  "t_range": list(T_RANGE), "copies": COPIES}
+        if args.write:
+            path = _folder(args.model) / CALIBRATION
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.replace(path)
+            record["written"] = str(path)
+    except ClipguideError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

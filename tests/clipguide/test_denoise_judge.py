@@ -1,0 +1,135 @@
+"""The denoise judge: a picture's denoise error by hand, its independence of the batch, the calibration, and
+guide()'s retries judged by it."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipguide import ClipguideError, guide, retry_seed
+from clipguide.denoise_judge import calibrate, calibrated_error, denoise_error, main
+from clipguide.generators.diffusion import DiffusionModel, WEIGHTS
+from clipguide.training import shapes_batch
+
+from .conftest import tiny_latent_model, tiny_unet
+
+PROMPT = "a red circle on a blue background"
+
+
+def zero_model(size=8):
+    """A sample-predicting model whose output layer is zero: it estimates x0 = 0 from any noisy copy."""
+    unet, scheduler = tiny_unet("sample", sample_size=size)
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    return DiffusionModel(unet, scheduler)
+
+
+def test_error_is_the_rms_distance_from_the_estimate_in_grey_levels():
+    # x0 = 0 is mid-grey: the error is the RMS of (2 * area(image) - 1) over the model's 8 px, times 255 / 2
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = (F.avg_pool2d(images, 4) * 2 - 1).pow(2).mean(dim=(1, 2, 3)).sqrt() * 127.5
+    torch.testing.assert_close(denoise_error(images, zero_model()), expected, rtol=1e-5, atol=0)
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    assert float(denoise_error(grey, zero_model())) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_pictures_error_depends_on_the_picture_and_the_seed_alone():
+    unet, scheduler = tiny_unet("epsilon")
+    model = DiffusionModel(unet, scheduler)
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    together = denoise_error(images, model, copies=4)
+    alone = torch.cat([denoise_error(images[i:i + 1], model, copies=4) for i in range(5)])
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(denoise_error(images, model, copies=4, batch_size=4), together, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(denoise_error(images, model, copies=4, seed=1), together)
+    assert (together > 0).all()
+
+
+def test_calibration_is_the_quantile_of_the_real_pictures_errors():
+    levels = torch.linspace(0, 1, 11)
+    images = levels.view(-1, 1, 1, 1).expand(-1, 3, 16, 16).contiguous()
+    known = (2 * levels - 1).abs() * 127.5                  # constant pictures under the zero model
+    for q in (0.5, 0.9):
+        assert calibrate(images, zero_model(), quantile=q, batch_size=4) == pytest.approx(
+            float(np.quantile(known.numpy(), q)), rel=1e-5)
+    with pytest.raises(ClipguideError, match=r"quantile must be in \(0, 1\)"):
+        calibrate(images, zero_model(), quantile=1.0)
+
+
+def test_the_shipped_calibration_passes_real_pictures_and_fails_noisy_ones():
+    stored = json.loads((WEIGHTS / "diffusion-shapes" / "calibration.json").read_text())
+    assert calibrated_error("shapes") == stored["denoise_error"]
+    real = (shapes_batch(7, 8, 64, seed=99) + 1) / 2            # fresh pictures, not the calibration's
+    noisy = (real + 0.08 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    limit = calibrated_error("shapes")
+    assert (denoise_error(real) < limit).sum() >= 7
+    assert (denoise_error(noisy) > limit).all()
+
+
+def test_calibrated_error_of_folders_and_models(tiny_diffusion_path, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_diffusion_path, folder)
+    assert calibrated_error(folder) is None and calibrated_error(zero_model()) is None
+    assert main(["--model", str(folder), "--n", "6", "--quantile", "0.5", "--write"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["written"] == str(folder / "calibration.json")
+    assert calibrated_error(folder) == record["denoise_error"] > 0
+    assert calibrate((shapes_batch(0, 6, 64, 1234) + 1) / 2, str(folder), 0.5) == pytest.approx(
+        record["denoise_error"], abs=5e-4)
+    (folder / "calibration.json").write_text('{"denoise_error": -1}')
+    with pytest.raises(ClipguideError, match="denoise_error must be a positive number"):
+        calibrated_error(folder)
+    assert main(["--model", str(folder), "--n", "0"]) == 2
+    assert "--n must be a positive integer" in capsys.readouterr().err
+
+
+def run(perceptor, judge, **kw):
+    return guide(PROMPT, clip=perceptor, steps=2, cutn=2, size=32, denoise_judge=str(judge), **kw)
+
+
+def test_retries_redraw_pictures_the_judge_rejects(perceptor, tiny_diffusion_path):
+    strict = run(perceptor, tiny_diffusion_path, seed=3, retries=2, accept_score=0.0, accept_error=1e-3)
+    assert strict.attempts == [3]
+    torch.testing.assert_close(torch.tensor(strict.denoise_error), denoise_error(strict.tensor, tiny_diffusion_path))
+    lenient = run(perceptor, tiny_diffusion_path, seed=3, retries=2, accept_score=0.0, accept_error=1e6)
+    assert lenient.attempts == [1]
+    assert guide(PROMPT, clip=perceptor, steps=1, cutn=2, size=32).denoise_error is None
+
+
+def test_the_kept_picture_passes_more_tests_before_it_scores_higher(perceptor, tiny_diffusion_path):
+    # no picture reaches CLIP score 100; only the attempt with the lowest denoise error passes the judge, so it is
+    # kept whatever the CLIP scores of the others
+    seeds = (3, retry_seed(3, 0, 1), retry_seed(3, 0, 2))
+    drawn = [run(perceptor, tiny_diffusion_path, seed=s, retries=0, accept_error=1.0) for s in seeds]
+    errors = [d.denoise_error[0] for d in drawn]
+    assert len(set(errors)) == 3
+    best = min(range(3), key=errors.__getitem__)
+    threshold = (errors[best] + sorted(errors)[1]) / 2
+    result = run(perceptor, tiny_diffusion_path, seed=3, retries=2, accept_score=100.0, accept_error=threshold)
+    assert result.attempts == [3]
+    assert torch.equal(result.tensor, drawn[best].tensor)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"accept_error": 3.0}, "accept_error needs a denoise_judge"),
+    ({"denoise_judge": "TINY"}, "has no calibrated denoise error"),
+    ({"denoise_judge": "TINY", "accept_error": 0}, "accept_error must be a positive number"),
+    ({"denoise_judge": "TINY", "accept_error": math.nan}, "accept_error must be a positive number"),
+    ({"denoise_judge": "TINY", "accept_error": True}, "accept_error must be a positive number"),
+    ({"denoise_judge": "nope"}, "diffusion model 'nope' is neither a shipped name"),
+])
+def test_bad_judge_settings_raise_before_sampling(perceptor, tiny_diffusion_path, kwargs, match):
+    if kwargs.get("denoise_judge") == "TINY":
+        kwargs = {**kwargs, "denoise_judge": str(tiny_diffusion_path)}
+    calls = []
+    with pytest.raises(ClipguideError, match=match):
+        guide(PROMPT, clip=perceptor, steps=1, cutn=2, size=32, callback=lambda *a: calls.append(a), **kwargs)
+    assert calls == []
+
+
+def test_a_latent_model_cannot_judge(perceptor):
+    with pytest.raises(ClipguideError, match="pixel-space diffusion model, got a latent one"):
+        denoise_error(torch.rand(1, 3, 16, 16), tiny_latent_model())

@@ -1,0 +1,47 @@
+"""Recipes: guide() fills the settings its caller leaves unset from the recipe of its CLIP model and backend."""
+import pytest
+import torch
+
+from clipguide import RECIPES, ClipguideError, Recipe, guide
+from clipguide.generators.pixels import parse_palette
+from clipguide.recipes import recipe_for
+
+PROMPT = "a red circle on a blue background"
+
+
+def only_palette_colours(images):
+    palette = parse_palette("shapes")
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, 1, 3)
+    return bool((pixels - palette).abs().amax(-1).min(-1).values.max() < 1e-6)
+
+
+def test_the_shipped_clip_paints_pixels_with_its_recipe():
+    recipe = recipe_for("shapes", "pixels")
+    assert recipe is RECIPES.get("shapes/pixels") and recipe_for("shapes", "fourier") is None
+    auto = guide(PROMPT, steps=1, seed=2)
+    explicit = guide(PROMPT, steps=1, seed=2, recipe=None, backend_options=recipe.backend_options,
+                     retries=recipe.retries, denoise_judge=recipe.denoise_judge, **recipe.guidance)
+    assert torch.equal(auto.tensor, explicit.tensor) and auto.attempts == explicit.attempts
+    assert auto.denoise_error is not None and only_palette_colours(auto.tensor)
+    assert set(recipe.guidance["regularisers"]) <= set(auto.losses[0])
+
+
+def test_what_the_caller_sets_wins_over_the_recipe():
+    result = guide(PROMPT, steps=1, seed=2, retries=0, regularisers={}, backend_options={"palette": None})
+    assert result.attempts == [1] and "diffusion_prior" not in result.losses[0]
+    assert not only_palette_colours(result.tensor)               # two free colours instead of the palette's
+    assert result.denoise_error is not None                      # the recipe's judge, which was left unset
+
+
+def test_no_recipe_means_the_backends_own_defaults():
+    result = guide(PROMPT, steps=1, seed=2, recipe=None)
+    assert result.denoise_error is None and result.attempts == [1] and "border" not in result.losses[0]
+    assert not only_palette_colours(result.tensor)
+    assert guide(PROMPT, steps=1, seed=2, backend="fourier").denoise_error is None  # no shapes/fourier recipe
+
+
+def test_a_given_recipe_replaces_the_registered_one(perceptor):
+    result = guide(PROMPT, clip=perceptor, size=32, cutn=2, recipe=Recipe(steps=2, guidance={"regularisers": {"tv": 1}}))
+    assert result.steps == 2 and "tv" in result.losses[0]
+    with pytest.raises(ClipguideError, match="recipe must be 'auto', None or a Recipe"):
+        guide(PROMPT, clip=perceptor, steps=1, recipe="shapes")
