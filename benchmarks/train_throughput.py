@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="core_clip's --compile")
     parser.add_argument("--compile-theirs", action="store_true",
                         help="torch.compile open_clip_train's model too, as its --torchcompile does")
-    parser.add_argument("--profile", action="store_true", help="CUDA only: print kernel-busy time per step for both sides")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA only: print kernel-busy time per step for both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -144,7 +145,8 @@ def main() -> None:
     if device.type == "cuda":
         print(f"peak memory     : {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (both runs)")
     if args.profile and device.type == "cuda":
-        for side, fn, data in (("open_clip_train", run_theirs, list(loader)[2:]), ("core_clip", run_ours, batches[2:])):
+        sides = (("open_clip_train", run_theirs, list(loader)[2:]), ("core_clip", run_ours, batches[2:]))
+        for side, fn, data in sides:
             busy, wall = _busy(fn, data, device)
             print(f"{side:<16}: device busy {busy:7.1f} of {wall:7.1f} ms per step ({100 * busy / wall:.0f}%)")
 

@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polish", type=int_at_least(0, "a non-negative integer"),
                    help="diffusion: noisy copies whose x0 estimates are averaged at the end (0: off; default 16)")
     p.add_argument("--retries", type=int_at_least(0, "a non-negative integer"),
-                   help="redraw a picture scoring below --accept-score (or failing --denoise-judge) up to N times, keeping the best "
-                        "(default: 2 for guided diffusion, else 0)")
+                   help="redraw a picture scoring below --accept-score (or failing --denoise-judge) up to N times, "
+                        "keeping the best (default: the recipe's, 4 for pixels on the shapes CLIP; else 2 for guided "
+                        "diffusion, 0 otherwise)")
     p.add_argument("--accept-score", type=float_where(lambda x: 0 <= x <= 100, "a CLIP score in [0, 100]"),
                    help="CLIP score a picture must reach (default: the CLIP's calibrated match score)")
     p.add_argument("--denoise-judge", metavar="MODEL",

@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='options of the backend, e.g. \'{"colors": 2}\'')
     parser.add_argument("--guidance-options", type=_json_object, default={}, metavar="JSON",
                         help='guide() keywords: GuidanceConfig fields and retries / accept_score / denoise_judge / '
-                             'accept_error, e.g. '
+                             'accept_error / recipe (null: no recipe), e.g. '
                              '\'{"regularisers": {"border": 5}, "retries": 2}\' (backend settings go in '
                              '--backend-options)')
     parser.add_argument("--from-truth", action="store_true", help="start every run from the true picture")

@@ -200,7 +200,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
           frames: Union[str, os.PathLike, None] = None, frame_every: int = 1, progress: bool = False,
           retries: Optional[int] = None, accept_score: Optional[float] = None,
           denoise_judge: Union[str, os.PathLike, None] = None, accept_error: Optional[float] = None,
-          recipe: Union[str, Recipe, None] = "auto", device: Union[str, torch.device, None] = None, compile: bool = False, **guidance_options) -> GuideResult:
+          recipe: Union[str, Recipe, None] = "auto", device: Union[str, torch.device, None] = None,
+          compile: bool = False, **guidance_options) -> GuideResult:
     """Steer ``backend`` towards ``prompts`` with CLIP and return the pictures.
 
     Args:

@@ -47,12 +47,13 @@ def recipe_for(clip: Optional[str], backend: str) -> Optional[Recipe]:
     return RECIPES.get(key) if clip is not None and key in RECIPES else None
 
 
-# 42 seen ShapesWorld prompts, oracle-judged: 60% fully right without the judge (2 retries judged by CLIP score
-# alone), where the pixels backend's own defaults read 0% (README, "Quality today").
+# Over the 42 seen-pair ShapesWorld prompts (python -m clipguide.evaluate --backend pixels), judged by the oracle:
+# 76% fully right (32 of 42), 2.8 pictures drawn and about 37 s per prompt on a 2-core CPU, where the pixels
+# backend's own defaults read 0% (README, "Quality today").
 RECIPES.register("shapes/pixels")(Recipe(
     steps=300,
     backend_options={"colors": 2, "palette": "shapes", "resolution": 8},
     guidance={"regularisers": {"border": 5, "diffusion_prior": 20}},
-    retries=4,
+    retries=6,
     denoise_judge="shapes",
 ))

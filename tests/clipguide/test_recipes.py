@@ -41,7 +41,8 @@ def test_no_recipe_means_the_backends_own_defaults():
 
 
 def test_a_given_recipe_replaces_the_registered_one(perceptor):
-    result = guide(PROMPT, clip=perceptor, size=32, cutn=2, recipe=Recipe(steps=2, guidance={"regularisers": {"tv": 1}}))
+    recipe = Recipe(steps=2, guidance={"regularisers": {"tv": 1}})
+    result = guide(PROMPT, clip=perceptor, size=32, cutn=2, recipe=recipe)
     assert result.steps == 2 and "tv" in result.losses[0]
     with pytest.raises(ClipguideError, match="recipe must be 'auto', None or a Recipe"):
         guide(PROMPT, clip=perceptor, steps=1, recipe="shapes")
