@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np

@@ -123,4 +123,5 @@ def estimate_x0(model: DiffusionModel, clean: Tensor, t: Tensor, noise: Tensor) 
         out = model.unet(x_t.to(model.unet.dtype), t).sample.float()
         return predict_x0(out, x_t, a, model.scheduler.config.prediction_type).clamp(-1, 1)
 
+
 IMAGE_LOSSES.register("diffusion_prior")(DiffusionPrior())
