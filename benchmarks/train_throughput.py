@@ -36,7 +36,7 @@ from core_clip.data import Batch
 from core_clip.train import TrainConfig, Trainer, param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guide_step import _warm_up  # noqa: E402  (same folder)
+from guide_step import _sync, _warm_up  # noqa: E402  (same folder)
 
 CAPTIONS = ["a red circle", "a small blue square on the left", "a photo of a large green triangle",
             "a yellow circle on a purple background", "the digit seven", "a handwritten 3"]
@@ -60,11 +60,6 @@ class _DataInfo:
 
     def set_epoch(self, epoch: int) -> None:
         pass
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoise-judge", metavar="MODEL",
                    help="a pixel diffusion model (e.g. shapes) that also judges each picture: one it would change "
                         "by more than --accept-error when cleaning it is redrawn too (see --retries)")
-    p.add_argument("--accept-error", type=float_where(lambda x: x > 0, "a positive number"),
+    p.add_argument("--accept-error", type=_positive_float,
                    help="denoise error (RMS, 0-255 levels) a picture may have (default: the judge's calibrated "
                         "value)")
     p.add_argument("--no-recipe", action="store_true",

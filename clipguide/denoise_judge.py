@@ -29,6 +29,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from core_clip.checkpoint import save_json
+from core_clip.cli import OneLineParser, float_where, int_at_least, run
+
 from .diffusion_prior import draw_timesteps, estimate_x0, pixel_model, to_model_pixels
 from .errors import ClipguideError
 from .generators.diffusion import DiffusionModel, _folder
@@ -72,9 +75,14 @@ def calibrated_error(model: ModelLike = "shapes") -> Optional[float]:
     path = _folder(model) / CALIBRATION
     if not path.is_file():
         return None
-    value = json.loads(path.read_text()).get("denoise_error")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ClipguideError(f"{path}: denoise_error must be a positive number, got {value!r}")
+    return positive_level(f"{path}: denoise_error", json.loads(path.read_text()).get("denoise_error"))
+
+
+def positive_level(name: str, value) -> float:
+    """``value`` as a float if it is a positive number (an error in 0-255 levels), else ClipguideError naming
+    ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ClipguideError(f"{name} must be a positive number (0-255 levels), got {value!r}")
     return float(value)
 
 
@@ -89,32 +97,27 @@ def calibrate(images: Tensor, model: ModelLike = "shapes", quantile: float = 0.9
     return float(np.quantile(torch.cat(errors).cpu().numpy(), quantile))
 
 
+def _run(args: argparse.Namespace) -> None:
+    value = calibrate((shapes_batch(0, args.n, 64, args.seed) + 1) / 2, args.model, args.quantile, progress=True)
+    record = {"denoise_error": round(value, 3), "quantile": args.quantile, "n": args.n, "data": "shapes",
+              "t_range": list(T_RANGE), "copies": COPIES}
+    if args.write:
+        record["written"] = str(save_json(record, _folder(args.model) / CALIBRATION))  # written before this key
+    print(json.dumps(record))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipguide.denoise_judge",
-                                     description="Calibrate a pixel diffusion model's denoise error on ShapesWorld.")
+    """The command line; bad input (an unknown model, --n < 1) exits 2 with one line."""
+    parser = OneLineParser(prog="python -m clipguide.denoise_judge",
+                           description="Calibrate a pixel diffusion model's denoise error on ShapesWorld.")
     parser.add_argument("--model", default="shapes", help="shipped diffusion model name or pipeline folder")
-    parser.add_argument("--n", type=int, default=2000, help="real ShapesWorld pictures (64 px) to measure")
-    parser.add_argument("--quantile", type=float, default=0.99)
+    parser.add_argument("--n", type=int_at_least(1, "a positive integer"), default=2000,
+                        help="real ShapesWorld pictures (64 px) to measure")
+    parser.add_argument("--quantile", type=float_where(lambda q: 0 < q < 1, "a number in (0, 1)"), default=0.99)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--write", action="store_true", help=f"store the value in the model folder's {CALIBRATION}")
-    args = parser.parse_args(argv)
-    try:
-        if args.n < 1:
-            raise ClipguideError(f"--n must be a positive integer, got {args.n}")
-        value = calibrate((shapes_batch(0, args.n, 64, args.seed) + 1) / 2, args.model, args.quantile, progress=True)
-        record = {"denoise_error": round(value, 3), "quantile": args.quantile, "n": args.n, "data": "shapes",
-                  "t_range": list(T_RANGE), "copies": COPIES}
-        if args.write:
-            path = _folder(args.model) / CALIBRATION
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            tmp.replace(path)
-            record["written"] = str(path)
-    except ClipguideError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(record))
-    return 0
+    parser.set_defaults(fn=_run)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def pixel_model(model: Union[str, os.PathLike, DiffusionModel], device: torch.de
     """The model on ``device`` (names and folders are loaded once per device); ClipguideError for a latent model."""
     loaded = load_diffusion(model, device) if isinstance(model, DiffusionModel) else _cached(model, str(device))
     if loaded.vae is not None:
-        raise ClipguideError("diffusion_prior needs a pixel-space diffusion model, got a latent one (with a "
-                             f"{type(loaded.vae).__name__})")
+        raise ClipguideError("a diffusion prior or denoise judge needs a pixel-space diffusion model, got a latent "
+                             f"one (with a {type(loaded.vae).__name__})")
     return loaded
 
 

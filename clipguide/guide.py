@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from core_clip.model import is_clip_score
 from core_clip.preprocess import Images, as_image_batch, open_image
 
-from .denoise_judge import calibrated_error, denoise_error
+from .denoise_judge import calibrated_error, denoise_error, positive_level
 from .determinism import deterministic
 from .diffusion_prior import pixel_model
 from .errors import ClipguideError
@@ -147,9 +147,8 @@ def _judge_policy(denoise_judge, accept_error: Optional[float], device: torch.de
         if accept_error is None:
             raise ClipguideError(f"denoise_judge {denoise_judge!r} has no calibrated denoise error (see python -m "
                                  "clipguide.denoise_judge), so pass accept_error")
-    elif isinstance(accept_error, bool) or not isinstance(accept_error, (int, float)) or not accept_error > 0:
-        raise ClipguideError(f"accept_error must be a positive number (0-255 levels), got {accept_error!r}")
-    return float(accept_error)
+        return accept_error
+    return positive_level("accept_error", accept_error)
 
 
 def _init_tensor(init_image: Union[str, os.PathLike, Images, None], width: int, height: int,

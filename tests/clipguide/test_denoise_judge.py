@@ -82,8 +82,13 @@ def test_calibrated_error_of_folders_and_models(tiny_diffusion_path, tmp_path, c
     (folder / "calibration.json").write_text('{"denoise_error": -1}')
     with pytest.raises(ClipguideError, match="denoise_error must be a positive number"):
         calibrated_error(folder)
-    assert main(["--model", str(folder), "--n", "0"]) == 2
-    assert "--n must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(folder), "--n", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--n: expected a positive integer, got 0" in err
+    assert main(["--model", "nope", "--n", "2"]) == 2
+    assert "diffusion model 'nope' is neither a shipped name" in capsys.readouterr().err
 
 
 def run(perceptor, judge, **kw):
