@@ -14,6 +14,7 @@ import torch
 
 from .errors import CoreClipError
 from .model import DEFAULT_MODEL, load
+from .startup import freeze_at_exit
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and call the chosen command's ``fn(args)``; library errors become exit code 2 with one line."""
     args = parser.parse_args(argv)
+    freeze_at_exit()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)

