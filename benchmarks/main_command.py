@@ -6,8 +6,8 @@ Two variants alternate run by run, so a machine that speeds up or slows down mid
     plain     the same command with Python's cyclic garbage collector left alone during imports and at exit (the
               baseline for core_clip.startup: gc.disable / gc.freeze made no-ops before anything is imported)
 
-and a third, light process measures what importing alone costs (torch, open_clip, kornia, diffusers, then exit).
-Prints each variant's median, min and max, and the ratio plain / ours.
+and a light process per variant measures what importing alone costs (torch, open_clip, kornia, diffusers, then
+exit). Prints each variant's median, min and max, and the ratio plain / ours.
 
     python benchmarks/main_command.py              # 5 runs of each
     python benchmarks/main_command.py --runs 10 --steps 30
@@ -34,7 +34,12 @@ def command(steps: int, out: Path, plain: bool) -> list[str]:
 
 
 def imports_only(plain: bool) -> list[str]:
-    code = (PLAIN if plain else "") + "import clipguide.cli; from diffusers import DDPMScheduler, UNet2DModel"
+    """The command's imports and exit, handled as the command handles them."""
+    code = (PLAIN if plain else "") + ("import clipguide.cli\n"
+                                       "from core_clip.startup import freeze_at_exit, paused_gc\n"
+                                       "freeze_at_exit()\n"
+                                       "with paused_gc():\n"
+                                       "    from diffusers import DDPMScheduler, UNet2DModel\n")
     return [sys.executable, "-c", code]
 
 
