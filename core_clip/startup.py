@@ -1,8 +1,9 @@
 """Start-up and exit costs of a process that imports torch, open_clip and diffusers.
 
-Those imports create about a million long-lived objects (modules, classes, functions, sympy and dynamo tables).
-Python's cyclic garbage collector rescans the growing heap again and again while they load, and once more in full
-when the interpreter exits: on a 2-core CPU that is about 1 s of import and 1.5 s of exit in every command-line run.
+Those imports leave about half a million objects that Python's cyclic garbage collector tracks (modules, classes,
+functions, sympy and dynamo tables). The collector rescans the growing heap again and again while they load, and
+once more in full when the interpreter exits: on a 2-core CPU that is about 1 s of import and 1.5 s of exit in every
+command-line run.
 Nothing created at import is garbage worth collecting, so the packages import with the collector paused
 (:func:`paused_gc`), and the command-line entry points freeze what is alive at exit (:func:`freeze_at_exit`).
 Neither changes what a program computes.
