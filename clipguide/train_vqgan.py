@@ -9,7 +9,8 @@ renders, four times cheaper per step than whole pictures; its GroupNorms, though
 input, so the last ``--full-steps`` steps see whole pictures, as guidance will (full-picture error on a crop-only
 model: 18/255, against 10/255 on crops). Codes that the
 encoder has stopped choosing (a running usage count below ``--dead-usage``) are moved every ``--restart-every``
-steps onto latents of the current batch, so the whole codebook stays in use. ``--codes`` sets the codebook size.
+steps onto latents of the current batch, so the whole codebook stays in use. ``--codes`` sets the codebook size
+and ``--factor`` the downsampling factor (2, 4 or 8: a 64 px picture becomes a grid of 32, 16 or 8 codes a side).
 
 The shipped model then takes 300 more whole-picture steps with ``--texture 1``: the error of neighbour differences
 (:func:`texture_error`), which penalises the faint texture that the oracle rejects on flat colours far more than the
@@ -52,8 +53,14 @@ from .generators.base import clamp_with_grad
 from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
-SHAPES_DDCONFIG = dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
-                       ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+FACTORS = (2, 4, 8)
+
+
+def shapes_ddconfig(factor: int = 4) -> dict:
+    """The taming ``ddconfig`` of the ShapesWorld VQGAN with downsampling ``factor`` (one of :data:`FACTORS`): 64 px
+    pictures, 32 base channels doubled once, one level per halving, no attention."""
+    return dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
+                ch_mult=[1] + [2] * (factor.bit_length() - 1), num_res_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
 @dataclass
@@ -63,6 +70,7 @@ class VQGANTrainConfig:
     batch_size: int = 32
     crop: int = 32
     codes: int = 1024
+    factor: int = 4
     texture: float = 0.0
     blend: float = 0.0
     outline: float = 0.0
@@ -85,10 +93,10 @@ class VQGANTrainConfig:
                      positive=("steps", "batch_size", "codes", "restart_every", "save_every"),
                      non_negative=("lr", "texture", "blend", "outline", "shape_blend", "frame", "full_steps",
                                    "warmup", "dead_usage", "eval_images", "seed"))
-        factor = VQGANConfig(ddconfig=SHAPES_DDCONFIG).factor
-        if self.crop % factor or not factor <= self.crop <= SHAPES_DDCONFIG["resolution"]:
-            raise ClipguideError(f"--crop must be a multiple of {factor} from {factor} to "
-                                 f"{SHAPES_DDCONFIG['resolution']}, got {self.crop}")
+        if self.factor not in FACTORS:
+            raise ClipguideError(f"--factor must be one of {', '.join(map(str, FACTORS))}, got {self.factor}")
+        if self.crop % self.factor or not self.factor <= self.crop <= 64:
+            raise ClipguideError(f"--crop must be a multiple of {self.factor} from {self.factor} to 64, got {self.crop}")
         if self.recipe and self.recipe not in RECIPES:
             raise ClipguideError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
 
@@ -265,7 +273,7 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = VQGAN(VQGANConfig(ddconfig=SHAPES_DDCONFIG, n_embed=cfg.codes, embed_dim=32))
+    model = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(cfg.factor), n_embed=cfg.codes, embed_dim=32))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     usage = torch.ones(model.config.n_embed)  # running count of each code's picks (decay 0.99 per step)
     start = 0

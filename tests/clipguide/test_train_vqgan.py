@@ -4,15 +4,15 @@ import torch
 
 from clipguide import train_vqgan
 from clipguide.errors import ClipguideError
-from clipguide.train_vqgan import (SHAPES_DDCONFIG, VQGANTrainConfig, _restart_dead_codes, blend_error, frame_error,
-                                    outline_error, shape_blend_error, texture_error)
+from clipguide.train_vqgan import (VQGANTrainConfig, _restart_dead_codes, blend_error, frame_error,
+                                    outline_error, shape_blend_error, shapes_ddconfig, texture_error)
 from clipguide.vqgan_model import VQGAN, VQGANConfig
 from core_clip import CheckpointError
 from core_clip.checkpoint import read_state_dict
 
 
 def test_dead_codes_move_onto_batch_latents_and_live_codes_stay():
-    model = VQGAN(VQGANConfig(ddconfig=SHAPES_DDCONFIG, n_embed=8, embed_dim=4))
+    model = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=8, embed_dim=4))
     before = model.codebook.detach().clone()
     usage = torch.tensor([5.0, 0.1, 2.0, 0.0, 1.0, 0.4, 3.0, 0.6])
     z = torch.randn(2, 4, 3, 3)
@@ -152,6 +152,16 @@ def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsy
     assert len(err.splitlines()) == 1 and "checkpoint not found" in err
 
 
+@pytest.mark.parametrize("factor", train_vqgan.FACTORS)
+def test_the_factor_sets_the_latent_grid(factor):
+    model = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(factor), n_embed=8, embed_dim=32))
+    assert model.config.factor == factor
+    with torch.no_grad():
+        z = model.encode(torch.zeros(1, 3, 64, 64))
+        assert z.shape == (1, 32, 64 // factor, 64 // factor)
+        assert model.decode(model.quantize_st(z)[0]).shape == (1, 3, 64, 64)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--frame", "-1"], "--frame must be >= 0, got -1.0"),
     (["--texture", "nan"], "--texture must be >= 0, got nan"),
@@ -159,6 +169,8 @@ def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsy
     (["--lr=-1e-3"], "--lr must be >= 0, got -0.001"),
     (["--crop", "30"], "--crop must be a multiple of 4 from 4 to 64, got 30"),
     (["--crop", "128"], "--crop must be a multiple of 4 from 4 to 64, got 128"),
+    (["--factor", "3"], "--factor must be one of 2, 4, 8, got 3"),
+    (["--factor", "8", "--crop", "12"], "--crop must be a multiple of 8 from 8 to 64, got 12"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert train_vqgan.main(["--out", str(tmp_path / "run"), *argv]) == 2
@@ -176,7 +188,7 @@ def test_a_recipe_chains_its_stages_and_writes_the_last_one(tmp_path, monkeypatc
     train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), recipe="tiny", **config))
     first, final = (read_state_dict(tmp_path / "run" / p) for p in ("stage1/vqgan.safetensors", "vqgan.safetensors"))
     assert all(torch.equal(first[k], final[k]) for k in first)   # stage 2 (lr 0) started from stage 1's weights
-    fresh = VQGAN(VQGANConfig(ddconfig=SHAPES_DDCONFIG, n_embed=16, embed_dim=32)).state_dict()
+    fresh = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32)).state_dict()
     assert not torch.equal(first["encoder.conv_in.weight"], fresh["encoder.conv_in.weight"])
     stage2 = torch.load(tmp_path / "run" / "stage2" / "state.pt", weights_only=True)
     assert stage2["step"] == 4 and stage2["settings"]["texture"] == 1.0 and stage2["settings"]["batch_size"] == 2
