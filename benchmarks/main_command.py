@@ -7,7 +7,8 @@ Two variants alternate run by run, so a machine that speeds up or slows down mid
               baseline for core_clip.startup: gc.disable / gc.freeze made no-ops before anything is imported)
 
 and a light process per variant measures what importing alone costs (torch, open_clip, kornia, diffusers, then
-exit). Prints each variant's median, min and max, and the ratio plain / ours.
+exit). Prints each variant's median, min and max, and the ratio plain / ours. Run it in the venv of the README's
+main command (``pip install -e .``): with the test extras there, open_clip also imports transformers (about 1 s).
 
     python benchmarks/main_command.py              # 5 runs of each
     python benchmarks/main_command.py --runs 10 --steps 30
