@@ -96,7 +96,8 @@ class VQGANTrainConfig:
         if self.factor not in FACTORS:
             raise ClipguideError(f"--factor must be one of {', '.join(map(str, FACTORS))}, got {self.factor}")
         if self.crop % self.factor or not self.factor <= self.crop <= 64:
-            raise ClipguideError(f"--crop must be a multiple of {self.factor} from {self.factor} to 64, got {self.crop}")
+            raise ClipguideError(f"--crop must be a multiple of {self.factor} from {self.factor} to 64, "
+                                 f"got {self.crop}")
         if self.recipe and self.recipe not in RECIPES:
             raise ClipguideError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
 
