@@ -142,13 +142,13 @@ def _judge_policy(denoise_judge, accept_error: Optional[float], device: torch.de
             raise ClipguideError("accept_error needs a denoise_judge (a pixel diffusion model, e.g. 'shapes')")
         return None
     pixel_model(denoise_judge, device)
-    if accept_error is None:
-        accept_error = calibrated_error(denoise_judge)
-        if accept_error is None:
-            raise ClipguideError(f"denoise_judge {denoise_judge!r} has no calibrated denoise error (see python -m "
-                                 "clipguide.denoise_judge), so pass accept_error")
-        return accept_error
-    return positive_level("accept_error", accept_error)
+    if accept_error is not None:
+        return positive_level("accept_error", accept_error)
+    calibrated = calibrated_error(denoise_judge)
+    if calibrated is None:
+        raise ClipguideError(f"denoise_judge {denoise_judge!r} has no calibrated denoise error (see python -m "
+                             "clipguide.denoise_judge), so pass accept_error")
+    return calibrated
 
 
 def _init_tensor(init_image: Union[str, os.PathLike, Images, None], width: int, height: int,

@@ -53,13 +53,14 @@ from .generators.base import clamp_with_grad
 from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
+SIZE = 64             # ShapesWorld pictures are rendered, encoded and judged at 64 px
 FACTORS = (2, 4, 8)
 
 
 def shapes_ddconfig(factor: int = 4) -> dict:
-    """The taming ``ddconfig`` of the ShapesWorld VQGAN with downsampling ``factor`` (one of :data:`FACTORS`): 64 px
-    pictures, 32 base channels doubled once, one level per halving, no attention."""
-    return dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
+    """The taming ``ddconfig`` of the ShapesWorld VQGAN with downsampling ``factor`` (one of :data:`FACTORS`):
+    :data:`SIZE` px pictures, 32 base channels doubled once, one level per halving, no attention."""
+    return dict(double_z=False, z_channels=32, resolution=SIZE, in_channels=3, out_ch=3, ch=32,
                 ch_mult=[1] + [2] * (factor.bit_length() - 1), num_res_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
@@ -95,14 +96,14 @@ class VQGANTrainConfig:
                                    "warmup", "dead_usage", "eval_images", "seed"))
         if self.factor not in FACTORS:
             raise ClipguideError(f"--factor must be one of {', '.join(map(str, FACTORS))}, got {self.factor}")
-        if self.crop % self.factor or not self.factor <= self.crop <= 64:
-            raise ClipguideError(f"--crop must be a multiple of {self.factor} from {self.factor} to 64, "
+        if self.crop % self.factor or not self.factor <= self.crop <= SIZE:
+            raise ClipguideError(f"--crop must be a multiple of {self.factor} from {self.factor} to {SIZE}, "
                                  f"got {self.crop}")
         if self.recipe and self.recipe not in RECIPES:
             raise ClipguideError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
 
 
-_WHOLE = dict(crop=64, lr=1e-3, warmup=20, texture=1.0)            # whole-picture fine-tuning runs
+_WHOLE = dict(crop=SIZE, lr=1e-3, warmup=20, texture=1.0)            # whole-picture fine-tuning runs
 _SHAPE = dict(_WHOLE, steps=600, full_steps=600, blend=4.0, outline=4.0, shape_blend=0.3)
 
 #: Named chains of runs (``--recipe``): each stage's settings, on top of the defaults and the command line's.
@@ -125,7 +126,7 @@ def reconstruction_agreement(model: VQGAN, n: int = 500, seed: int = 1) -> float
     """Fraction of ``n`` fresh test-split ShapesWorld images whose reconstruction the oracle reads exactly as it
     reads the original (every attribute)."""
     scenes = shapes.sample_scenes(n, seed=seed, split="test")
-    originals = shapes.render_batch(scenes, 64, seed=seed)
+    originals = shapes.render_batch(scenes, SIZE, seed=seed)
     x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1
     recon = torch.cat([model(chunk)[0] for chunk in x.split(100)])
     recon = ((recon + 1) / 2).clamp(0, 1)
@@ -289,14 +290,14 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
     for step in bar:
         set_warmup_cosine_lr(optimizer, step, cfg.steps, cfg.warmup, cfg.lr)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        crop = cfg.crop if step < cfg.steps - cfg.full_steps else 64
-        x = _crop(shapes_batch(step, cfg.batch_size, 64, cfg.seed), crop, generator)
+        crop = cfg.crop if step < cfg.steps - cfg.full_steps else SIZE
+        x = _crop(shapes_batch(step, cfg.batch_size, SIZE, cfg.seed), crop, generator)
         z = model.encode(x)
         z_q, codebook_loss, picks = model.quantize_st(z)
         recon = model.decode(z_q)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + codebook_loss
-        for name, term in {"texture": texture_error, **(PICTURE_TERMS if crop >= 64 else {})}.items():
+        for name, term in {"texture": texture_error, **(PICTURE_TERMS if crop >= SIZE else {})}.items():
             if getattr(cfg, name):
                 loss = loss + getattr(cfg, name) * term(recon, x)
         optimizer.zero_grad(set_to_none=True)
