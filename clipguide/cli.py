@@ -42,7 +42,7 @@ def cmd_generate(args) -> None:
 
     out = Path(args.out)
     names = ("lr", "colors", "palette", "scale", "scheduler", "recurrence", "candidates", "finalists", "screen",
-             "polish", "model")
+             "polish", "model", "start")
     backend_options = {k: v for k in names if (v := getattr(args, k)) is not None}
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels backend: flat colour regions per image")
     p.add_argument("--palette", metavar="NAME|#RRGGBB,...",
                    help="pixels backend: draw only these colours (a named palette such as 'shapes', or a list)")
+    p.add_argument("--start", help="vqgan backend without --init-image: codes (a random code at every latent "
+                                   "position) or flat (a field of one random colour)")
     p.add_argument("--scale", type=_positive_float, help="CLIP guidance scale of the diffusion backend")
     p.add_argument("--scheduler", help="diffusion sampler (ddpm, ddim, euler, euler_a, dpm, heun, unipc)")
     p.add_argument("--recurrence", type=positive_int,

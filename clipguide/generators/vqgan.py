@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from ..vqgan_model import VQGAN
 
 
+STARTS = ("codes", "flat")
+
+
 @GENERATORS.register("vqgan")
 class VQGANGenerator(OptimisedGenerator):
     """Latents of ``model`` (a shipped VQGAN name such as "shapes", or a .safetensors path with its .json).
@@ -25,19 +28,27 @@ class VQGANGenerator(OptimisedGenerator):
     Args:
         batch, height, width: output images [batch, 3, height, width]; height and width must be multiples of the
             VQGAN's downsampling factor f.
-        generator: draws the random start (a uniformly random code at every latent position) when there is no init.
+        generator: draws the random start when there is no init.
         init: optional float [1 or B, 3, H, W] in [0, 1], encoded to start from.
+        start: the random start without an init: "codes" (a uniformly random code at every latent position, the
+            VQGAN+CLIP scripts' start) or "flat" (the encoding of a picture of one random colour per image, uniform
+            in RGB: guidance paints onto one field instead of clearing a mosaic). The VQGAN renders that colour as
+            well as its codes allow; the shipped ShapesWorld VQGAN, which knows its 8 palette colours, renders
+            others as a tinted, faintly textured field.
         model: the VQGAN to steer: a name or path for :func:`clipguide.vqgan_model.load_vqgan`, or a VQGAN (frozen).
         lr: Adam learning rate on the latents.
     """
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
-                 init: Optional[torch.Tensor] = None, model: Union[str, "VQGAN"] = "shapes", lr: float = 0.1):
+                 init: Optional[torch.Tensor] = None, model: Union[str, "VQGAN"] = "shapes", lr: float = 0.1,
+                 start: str = "codes"):
         from ..vqgan_model import VQGAN, load_vqgan  # taming is imported only when this backend is used
 
         super().__init__()
         check_size(batch, height, width)
         check_init(init, batch, height, width)
+        if start not in STARTS:
+            raise ClipguideError(f"vqgan start must be one of {', '.join(STARTS)}, got {start!r}")
         device = generator.device
         self.vqgan = model.to(device).eval().requires_grad_(False) if isinstance(model, VQGAN) else load_vqgan(
             model, device=device)
@@ -46,6 +57,9 @@ class VQGANGenerator(OptimisedGenerator):
             raise ClipguideError(f"vqgan output size must be a multiple of {f} (its downsampling factor), "
                                  f"got {width}x{height}")
         codes = self.vqgan.codebook.detach()
+        if init is None and start == "flat":
+            colour = torch.rand(batch, 3, 1, 1, generator=generator, device=device)
+            init = colour.expand(batch, 3, height, width)
         if init is None:
             index = torch.randint(len(codes), (batch, height // f, width // f), generator=generator, device=device)
             z = codes[index].permute(0, 3, 1, 2)

@@ -122,6 +122,8 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--palette", "#ff0000,#00ff0"], "'#00ff0' is not #rrggbb"),
     (["--colors", "1"], "--colors"),
     (["--backend", "fourier", "--palette", "shapes"], "backend 'fourier' has no option 'palette'"),
+    (["--backend", "vqgan", "--start", "grey"], "vqgan start must be one of codes, flat, got 'grey'"),
+    (["--start", "flat"], "backend 'pixels' has no option 'start'"),
     (["--regulariser", "tv"], "expected NAME=WEIGHT, got 'tv'"),
     (["--regulariser", "tv=nan"], "expected a finite number"),
     (["--regulariser", "nope=1"], "unknown image loss 'nope'"),

@@ -26,6 +26,18 @@ def test_the_shipped_clip_paints_pixels_with_its_recipe():
     assert set(recipe.guidance["regularisers"]) <= set(auto.losses[0])
 
 
+def test_the_shipped_clip_steers_the_shipped_vqgan_with_its_recipe():
+    recipe = recipe_for("shapes", "vqgan")
+    assert recipe.backend_options == {"start": "flat"} and recipe.denoise_judge == "shapes"
+    auto = guide(PROMPT, backend="vqgan", steps=1, seed=2, retries=1)
+    explicit = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None, backend_options={"start": "flat"},
+                     retries=1, denoise_judge="shapes", **recipe.guidance)
+    assert torch.equal(auto.tensor, explicit.tensor) and auto.attempts == explicit.attempts
+    assert set(recipe.guidance["regularisers"]) <= set(auto.losses[0])
+    plain = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None)
+    assert plain.denoise_error is None and "diffusion_prior_deep" not in plain.losses[0]
+
+
 def test_what_the_caller_sets_wins_over_the_recipe():
     result = guide(PROMPT, steps=1, seed=2, retries=0, regularisers={}, backend_options={"palette": None})
     assert result.attempts == [1] and "diffusion_prior" not in result.losses[0]

@@ -78,6 +78,16 @@ def test_generator_starts_from_the_encoded_init_image(tiny_path):
     torch.testing.assert_close(backend.decode(), expected)
 
 
+def test_flat_start_encodes_one_seeded_colour_per_image(tiny_path):
+    vq = load_vqgan(tiny_path)
+    backend = VQGANGenerator(3, 16, 16, generator=torch.Generator().manual_seed(5), model=str(tiny_path),
+                             start="flat")
+    colours = torch.rand(3, 3, 1, 1, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(backend.z.detach(), vq.encode(colours.expand(3, 3, 16, 16) * 2 - 1))
+    with pytest.raises(ClipguideError, match="start must be one of codes, flat, got 'grey'"):
+        VQGANGenerator(1, 16, 16, generator=torch.Generator(), model=str(tiny_path), start="grey")
+
+
 def test_size_must_be_a_multiple_of_the_factor(tiny_path):
     with pytest.raises(ClipguideError, match="multiple of 2"):
         VQGANGenerator(1, 15, 16, generator=torch.Generator(), model=str(tiny_path))
