@@ -41,8 +41,8 @@ def test_oracle_reads_shipped_reconstructions_as_the_originals():
 
 def test_generate_with_the_vqgan_backend_works_offline(capsys, tmp_path):
     out_path = tmp_path / "vq.png"
-    code = main(["generate", "a red circle on a blue background", "--backend", "vqgan", "--steps", "3", "--retries", "0",
-                 "--cutn", "4", "--out", str(out_path), "--json"])
+    code = main(["generate", "a red circle on a blue background", "--backend", "vqgan", "--steps", "3",
+                 "--retries", "0", "--cutn", "4", "--out", str(out_path), "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads(out.strip().splitlines()[-1])
