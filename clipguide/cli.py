@@ -128,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colors", type=int_at_least(2, "an integer >= 2"),
                    help="pixels backend: flat colour regions per image")
     p.add_argument("--palette", metavar="NAME|#RRGGBB,...",
-                   help="pixels backend: draw only these colours (a named palette such as 'shapes', or a list)")
+                   help="pixels backend: draw only these colours (a named palette such as 'shapes', or a list); "
+                        "vqgan: the flat or blob start's colours, the ones CLIP rates highest for the prompt")
     p.add_argument("--start", help="vqgan backend without --init-image: codes (a random code at every latent "
-                                   "position) or flat (a field of one random colour)")
+                                   "position), flat (a field of one colour) or blob (a field with a blob of another "
+                                   "colour)")
     p.add_argument("--scale", type=_positive_float, help="CLIP guidance scale of the diffusion backend")
     p.add_argument("--scheduler", help="diffusion sampler (ddpm, ddim, euler, euler_a, dpm, heun, unipc)")
     p.add_argument("--recurrence", type=positive_int,

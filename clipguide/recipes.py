@@ -60,12 +60,12 @@ RECIPES.register("shapes/pixels")(Recipe(
 
 
 # The shipped VQGAN, whose own defaults (random codes, no prior) draw none of the 42 seen-pair prompts right: a start
-# of one random colour field instead of a mosaic of codes, the diffusion prior up to 20% noise, the judge and retries
-# (README, "Quality today", for what it reads and costs).
+# of two palette colours, a random blob on a field, the pair CLIP rates highest for the prompt; the diffusion prior up
+# to 20% noise and the palette loss holding those colours; the judge and retries (README, "Quality today").
 RECIPES.register("shapes/vqgan")(Recipe(
     steps=300,
-    backend_options={"start": "flat"},
-    guidance={"regularisers": {"border": 5, "diffusion_prior_deep": 30}},
+    backend_options={"start": "blob", "palette": "shapes"},
+    guidance={"regularisers": {"border": 5, "diffusion_prior_deep": 30, "palette": 10}},
     retries=6,
     denoise_judge="shapes",
 ))

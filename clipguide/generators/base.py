@@ -11,8 +11,9 @@ instances ``compile_decode()``, which compiles the differentiable map that guida
 (``guide(compile=True)`` calls it), and ``shared_options()``, the options that let a new instance use the models this
 one loaded (guide() builds each retry's backend with them, so weights are read from disk once per call).
 Optimisation backends (pixels, fourier, vqgan) subclass :class:`OptimisedGenerator`, which implements ``sample`` as
-Adam on ``parameters()`` through ``decode()`` (with ``constrain()`` and ``anneal(progress)`` after each step and
-``finish()`` for the final images); sampling backends (diffusion) implement ``sample`` themselves.
+Adam on ``parameters()`` through ``decode()`` (with ``choose_start(guidance)`` before the first step, for starts that
+depend on the prompts, ``constrain()`` and ``anneal(progress)`` after each step and ``finish()`` for the final
+images); sampling backends (diffusion) implement ``sample`` themselves.
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ class OptimisedGenerator(nn.Module):
         """Options that make another instance share the models this one loaded; {}: it loads none."""
         return {}
 
+    def choose_start(self, guidance: CLIPGuidance) -> None:
+        """Called without gradient before the first step: a backend whose start depends on the prompts (vqgan's
+        palette starts) sets its parameters here from ``guidance``; by default nothing."""
+
     def constrain(self) -> None:
         """Called without gradient after every optimiser step, to project the parameters back where they are valid."""
 
@@ -140,6 +145,8 @@ class OptimisedGenerator(nn.Module):
         """
         if not isinstance(steps, int) or steps < 1:
             raise ClipguideError(f"steps must be a positive integer, got {steps!r}")
+        with torch.no_grad():
+            self.choose_start(guidance)
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.lr)
         for step in range(1, steps + 1):

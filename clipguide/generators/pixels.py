@@ -2,54 +2,15 @@
 from __future__ import annotations
 
 import math
-import re
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core_clip import shapes
-
 from ..errors import ClipguideError
+from ..palettes import PaletteLike, parse_palette
 from .base import GENERATORS, OptimisedGenerator, check_init, check_size, clamp_with_grad
-
-# Named fixed palettes, RGB 0-255. "shapes": the 8 colours ShapesWorld draws with.
-PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
-    "shapes": tuple(shapes.COLORS.values()),
-}
-
-PaletteLike = Union[str, Sequence[Union[str, Sequence[int]]]]
-
-
-def _colour(item) -> tuple[int, int, int]:
-    """"#rrggbb" / "rrggbb" or an (r, g, b) triple of integers 0-255 -> (r, g, b)."""
-    if isinstance(item, str):
-        if not re.fullmatch(r"#?[0-9a-fA-F]{6}", item.strip()):
-            raise ClipguideError(f"palette colour {item!r} is not #rrggbb")
-        code = item.strip().lstrip("#")
-        return tuple(int(code[i:i + 2], 16) for i in (0, 2, 4))
-    if (not isinstance(item, Sequence) or len(item) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in item)):
-        raise ClipguideError(f"palette colour {item!r} is neither #rrggbb nor three integers 0-255")
-    return tuple(item)
-
-
-def parse_palette(palette: PaletteLike) -> torch.Tensor:
-    """A palette name (:data:`PALETTES`), "#rrggbb,#rrggbb,..." or a sequence of "#rrggbb" / (r, g, b) 0-255 items
-    -> float [M, 3] in [0, 1], M >= 2 distinct colours. ClipguideError names a bad item or an unknown name."""
-    if isinstance(palette, str):
-        if palette in PALETTES:
-            palette = PALETTES[palette]
-        elif "#" in palette or "," in palette:
-            palette = [p for p in palette.split(",") if p.strip()]
-        else:
-            raise ClipguideError(f"unknown palette {palette!r}; named palettes: {', '.join(sorted(PALETTES))} "
-                                 f"(or give colours as '#rrggbb,#rrggbb,...')")
-    colours = list(dict.fromkeys(_colour(c) for c in palette))
-    if len(colours) < 2:
-        raise ClipguideError(f"a palette needs at least 2 distinct colours, got {len(colours)}")
-    return torch.tensor(colours, dtype=torch.float32) / 255
 
 
 def _grid(height: int, width: int, resolution: Optional[int]) -> tuple[int, int]:
@@ -101,7 +62,7 @@ class Pixels(OptimisedGenerator):
             fixed one: guidance can recolour it.
         resolution: the grid's shorter side (None: full resolution). A coarse grid cannot hold pixel-level texture.
         colors: number of regions K, or None (free RGB, or one region per palette colour).
-        palette: fixed colours: a name from :data:`PALETTES` ("shapes"), "#rrggbb,#rrggbb,...", or a sequence of
+        palette: fixed colours: a name from :data:`~clipguide.palettes.PALETTES` ("shapes"), "#rrggbb,#rrggbb,...", or a sequence of
             "#rrggbb" / (r, g, b) 0-255 items.
         sharpness: how hard each pixel chooses among the regions (the softmax's inverse temperature).
         choice_sharpness: (start, end) inverse temperature of each region's choice of palette colour.

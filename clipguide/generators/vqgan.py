@@ -3,22 +3,69 @@
 The parameters are latents z [B, D, H/f, W/f]; each decode snaps them to their nearest codebook entries with a
 straight-through gradient, runs the VQGAN decoder, and maps [-1, 1] to [0, 1]. After every step z is clamped to the
 codebook's per-channel range, so it never drifts where no code is.
+
+Without an init image the latents start as a random code at every position ("codes"), or as the encoding of a simple
+picture: one colour field ("flat") or a field of one colour with a blob of another ("blob"). With a ``palette`` the
+colours of those pictures are not drawn at random but chosen among the palette's by the guidance's CLIP score for
+the prompts, just before the first step: a small CLIP paints a shape far more readily by reshaping and recolouring a
+blob than by raising one from a flat field, whose codes sit deep inside their cells.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipguideError
+from ..palettes import PaletteLike, parse_palette
 from .base import GENERATORS, OptimisedGenerator, check_init, check_size, clamp_with_grad
 
 if TYPE_CHECKING:
+    from ..guidance import CLIPGuidance
     from ..vqgan_model import VQGAN
 
 
-STARTS = ("codes", "flat")
+STARTS = ("codes", "flat", "blob")
+BLOB_SHARE = 0.2  # of the picture that a blob start's blob covers
+CHUNK = 8         # start candidates encoded / decoded at once, so a big VQGAN at a large size still fits in memory
+
+
+def blob_masks(batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """Masks [batch, 1, height, width] of 0 and 1: the top :data:`BLOB_SHARE` of a smooth random field (3 x 3 uniform
+    noise from ``generator``, bicubically upsampled), one or two rounded blobs anywhere in the picture."""
+    noise = torch.rand(batch, 1, 3, 3, generator=generator, device=generator.device)
+    field = F.interpolate(noise, size=(height, width), mode="bicubic", align_corners=True)
+    level = field.flatten(1).quantile(1 - BLOB_SHARE, dim=1).view(-1, 1, 1, 1)
+    return (field > level).float()
+
+
+def start_pictures(start: str, palette: Optional[torch.Tensor], batch: int, height: int, width: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Candidate start pictures [batch, K, 3, height, width] in [0, 1] for a "flat" or "blob" start.
+
+    Without a palette K = 1, with colours uniform in RGB from ``generator``: one per flat picture, a background's then
+    a blob's for a blob picture. With a palette [M, 3] the candidates are every palette colour (flat, K = M) or every
+    ordered pair of two different ones (blob, K = M (M - 1): background, blob), the same for every image. Blob masks
+    (:func:`blob_masks`) are drawn after the colours.
+    """
+    device = generator.device
+    layers = 1 if start == "flat" else 2
+    if palette is None:
+        colours = torch.rand(batch, 1, layers, 3, generator=generator, device=device)
+    elif start == "flat":
+        colours = palette[None, :, None].expand(batch, -1, -1, -1)
+    else:
+        first, second = torch.meshgrid(*[torch.arange(len(palette), device=device)] * 2, indexing="ij")
+        distinct = first != second
+        pairs = torch.stack([palette[first[distinct]], palette[second[distinct]]], dim=1)   # [M (M - 1), 2, 3]
+        colours = pairs[None].expand(batch, -1, -1, -1)
+    colours = colours[..., None, None]                                                     # [B, K, layers, 3, 1, 1]
+    if start == "flat":
+        return colours[:, :, 0].expand(-1, -1, -1, height, width)
+    mask = blob_masks(batch, height, width, generator)[:, None]                            # [B, 1, 1, H, W]
+    return colours[:, :, 0] * (1 - mask) + colours[:, :, 1] * mask
 
 
 @GENERATORS.register("vqgan")
@@ -30,18 +77,23 @@ class VQGANGenerator(OptimisedGenerator):
             VQGAN's downsampling factor f.
         generator: draws the random start when there is no init.
         init: optional float [1 or B, 3, H, W] in [0, 1], encoded to start from.
-        start: the random start without an init: "codes" (a uniformly random code at every latent position, the
-            VQGAN+CLIP scripts' start) or "flat" (the encoding of a picture of one random colour per image, uniform
-            in RGB: guidance paints onto one field instead of clearing a mosaic). The VQGAN renders that colour as
-            well as its codes allow; the shipped ShapesWorld VQGAN, which knows its 8 palette colours, renders
-            others as a tinted, faintly textured field.
+        start: the start without an init: "codes" (a uniformly random code at every latent position, the
+            VQGAN+CLIP scripts' start), "flat" (the encoding of a picture of one colour per image: guidance paints
+            onto one field instead of clearing a mosaic) or "blob" (the encoding of a field of one colour with a
+            random blob of another, :func:`blob_masks`, per image). The VQGAN renders those colours as well as its
+            codes allow; the shipped ShapesWorld VQGAN, which knows its 8 palette colours, renders others as a
+            tinted, faintly textured field.
+        palette: the colours a flat or blob start is made of (:func:`~clipguide.palettes.parse_palette`: "shapes",
+            "#rrggbb,..."): each image starts from the colour (flat) or ordered pair of colours (blob) whose picture
+            the guidance's CLIP scores highest against the positive prompts (:meth:`choose_start`). None: colours
+            uniform in RGB from ``generator``. A codes start or an init image uses no palette.
         model: the VQGAN to steer: a name or path for :func:`clipguide.vqgan_model.load_vqgan`, or a VQGAN (frozen).
         lr: Adam learning rate on the latents.
     """
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
                  init: Optional[torch.Tensor] = None, model: Union[str, "VQGAN"] = "shapes", lr: float = 0.1,
-                 start: str = "codes"):
+                 start: str = "codes", palette: Optional[PaletteLike] = None):
         from ..vqgan_model import VQGAN, load_vqgan  # taming is imported only when this backend is used
 
         super().__init__()
@@ -49,6 +101,7 @@ class VQGANGenerator(OptimisedGenerator):
         check_init(init, batch, height, width)
         if start not in STARTS:
             raise ClipguideError(f"vqgan start must be one of {', '.join(STARTS)}, got {start!r}")
+        colours = None if palette is None else parse_palette(palette)
         device = generator.device
         self.vqgan = model.to(device).eval().requires_grad_(False) if isinstance(model, VQGAN) else load_vqgan(
             model, device=device)
@@ -57,12 +110,19 @@ class VQGANGenerator(OptimisedGenerator):
             raise ClipguideError(f"vqgan output size must be a multiple of {f} (its downsampling factor), "
                                  f"got {width}x{height}")
         codes = self.vqgan.codebook.detach()
-        if init is None and start == "flat":
-            colour = torch.rand(batch, 3, 1, 1, generator=generator, device=device)
-            init = colour.expand(batch, 3, height, width)
-        if init is None:
+        self.candidates: Optional[torch.Tensor] = None    # [B, K, D, h, w] start latents for choose_start to rank
+        if init is None and start == "codes":
             index = torch.randint(len(codes), (batch, height // f, width // f), generator=generator, device=device)
             z = codes[index].permute(0, 3, 1, 2)
+        elif init is None:
+            pictures = start_pictures(start, None if colours is None else colours.to(device), batch, height, width,
+                                      generator)
+            with torch.no_grad():
+                latents = torch.cat([self.vqgan.encode(p * 2 - 1) for p in pictures.flatten(0, 1).split(CHUNK)])
+            latents = latents.view(*pictures.shape[:2], *latents.shape[1:])
+            z = latents[:, 0]
+            if latents.shape[1] > 1:
+                self.candidates = latents
         else:
             with torch.no_grad():
                 z = self.vqgan.encode(init.to(device).float() * 2 - 1).expand(batch, -1, -1, -1)
@@ -75,12 +135,26 @@ class VQGANGenerator(OptimisedGenerator):
         """The loaded (frozen) VQGAN, for another instance to steer."""
         return {"model": self.vqgan}
 
-    def decode(self) -> torch.Tensor:
-        z_q = self.vqgan.quantize_st(self.z)[0]
+    def _pictures(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [N, D, h, w] -> images [N, 3, H, W] in [0, 1], differentiable (straight-through quantisation)."""
+        z_q = self.vqgan.quantize_st(z)[0]
         # the decoder runs under bf16 autocast on CUDA (code lookup stays fp32: argmin over near-equal distances)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.z.device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=z.device.type == "cuda"):
             x = self.vqgan.decode(z_q)
         return clamp_with_grad((x.float() + 1) / 2)
+
+    def decode(self) -> torch.Tensor:
+        return self._pictures(self.z)
+
+    def choose_start(self, guidance: "CLIPGuidance") -> None:
+        """With a palette start, start each image from its candidate whose decoded picture
+        ``guidance.clip_score`` rates highest (the first on a tie, or when no prompt is positive); once."""
+        if self.candidates is None:
+            return
+        for image, latents in enumerate(self.candidates):
+            scores = guidance.clip_score(torch.cat([self._pictures(z) for z in latents.split(CHUNK)]))
+            self.z[image] = latents[int(scores.argmax())]
+        self.candidates = None
 
     def constrain(self) -> None:
         self.z.clamp_(self.z_min, self.z_max)

@@ -122,7 +122,7 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--palette", "#ff0000,#00ff0"], "'#00ff0' is not #rrggbb"),
     (["--colors", "1"], "--colors"),
     (["--backend", "fourier", "--palette", "shapes"], "backend 'fourier' has no option 'palette'"),
-    (["--backend", "vqgan", "--start", "grey"], "vqgan start must be one of codes, flat, got 'grey'"),
+    (["--backend", "vqgan", "--start", "grey"], "vqgan start must be one of codes, flat, blob, got 'grey'"),
     (["--start", "flat"], "backend 'pixels' has no option 'start'"),
     (["--regulariser", "tv"], "expected NAME=WEIGHT, got 'tv'"),
     (["--regulariser", "tv=nan"], "expected a finite number"),

@@ -5,7 +5,8 @@ import torch
 from clipguide import CLIPGuidance, ClipguideError, GENERATORS
 from clipguide.generators import OptimisedGenerator, clamp_with_grad
 from clipguide.generators.fourier import Fourier
-from clipguide.generators.pixels import PALETTES, Pixels, parse_palette
+from clipguide.generators.pixels import Pixels
+from clipguide.palettes import PALETTES, parse_palette
 from core_clip import shapes
 
 

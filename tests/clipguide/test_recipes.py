@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clipguide import RECIPES, ClipguideError, Recipe, guide
-from clipguide.generators.pixels import parse_palette
+from clipguide.palettes import parse_palette
 from clipguide.recipes import recipe_for
 
 PROMPT = "a red circle on a blue background"
@@ -28,9 +28,10 @@ def test_the_shipped_clip_paints_pixels_with_its_recipe():
 
 def test_the_shipped_clip_steers_the_shipped_vqgan_with_its_recipe():
     recipe = recipe_for("shapes", "vqgan")
-    assert recipe.backend_options == {"start": "flat"} and recipe.denoise_judge == "shapes"
+    options = {"start": "blob", "palette": "shapes"}
+    assert recipe.backend_options == options and recipe.denoise_judge == "shapes"
     auto = guide(PROMPT, backend="vqgan", steps=1, seed=2, retries=1)
-    explicit = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None, backend_options={"start": "flat"},
+    explicit = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None, backend_options=options,
                      retries=1, denoise_judge="shapes", **recipe.guidance)
     assert torch.equal(auto.tensor, explicit.tensor) and auto.attempts == explicit.attempts
     assert set(recipe.guidance["regularisers"]) <= set(auto.losses[0])

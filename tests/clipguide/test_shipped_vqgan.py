@@ -12,10 +12,14 @@ import json
 import torch
 from PIL import Image
 
+from clipguide import CLIPGuidance, Perceptor
 from clipguide.cli import main
+from clipguide.generators.vqgan import VQGANGenerator, blob_masks
+from clipguide.palettes import parse_palette
 from clipguide.train_vqgan import reconstruction_agreement
 from clipguide.training import shapes_batch
 from clipguide.vqgan_model import WEIGHTS, load_vqgan
+from core_clip import shapes
 
 
 def test_shipped_vqgan_is_small_and_loads_by_name():
@@ -48,3 +52,17 @@ def test_generate_with_the_vqgan_backend_works_offline(capsys, tmp_path):
     report = json.loads(out.strip().splitlines()[-1])
     assert report["backend"] == "vqgan" and report["steps"] == 3
     assert Image.open(out_path).size == (64, 64)
+
+
+def test_the_shipped_clip_starts_the_shipped_vqgan_from_the_colours_the_prompt_names():
+    guidance = CLIPGuidance("a red circle on a green background", Perceptor("shapes"), cutn=4)
+    backend = VQGANGenerator(1, 64, 64, generator=torch.Generator().manual_seed(0), start="blob", palette="shapes")
+    first = []
+    backend.sample(guidance, 1, torch.Generator(), lambda step, losses, images: first.append(images[0]))
+    mask = blob_masks(1, 64, 64, torch.Generator().manual_seed(0))[0, 0].bool()   # the start's blob
+
+    def colour(pixels):  # [3, N] -> the name of the palette colour nearest their median
+        nearest = torch.cdist(pixels.median(dim=1).values[None], parse_palette("shapes")).argmin()
+        return list(shapes.COLORS)[int(nearest)]
+
+    assert colour(first[0][:, ~mask]) == "green" and colour(first[0][:, mask]) == "red"

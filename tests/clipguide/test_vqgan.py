@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clipguide import ClipguideError, CLIPGuidance, taming_hub
-from clipguide.generators.vqgan import VQGANGenerator
+from clipguide.generators.vqgan import BLOB_SHARE, VQGANGenerator, blob_masks, start_pictures
+from clipguide.palettes import parse_palette
 from clipguide.vqgan_model import VQGAN, VQGANConfig, load_vqgan
 from core_clip import CheckpointError
 
@@ -84,8 +85,75 @@ def test_flat_start_encodes_one_seeded_colour_per_image(tiny_path):
                              start="flat")
     colours = torch.rand(3, 3, 1, 1, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(backend.z.detach(), vq.encode(colours.expand(3, 3, 16, 16) * 2 - 1))
-    with pytest.raises(ClipguideError, match="start must be one of codes, flat, got 'grey'"):
+    with pytest.raises(ClipguideError, match="start must be one of codes, flat, blob, got 'grey'"):
         VQGANGenerator(1, 16, 16, generator=torch.Generator(), model=str(tiny_path), start="grey")
+
+
+def test_blob_masks_cover_a_fifth_of_each_picture_in_a_few_smooth_blobs():
+    masks = blob_masks(4, 64, 48, torch.Generator().manual_seed(3))
+    assert masks.shape == (4, 1, 64, 48) and set(masks.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(masks.mean(dim=(1, 2, 3)), torch.full((4,), BLOB_SHARE), atol=2 / (64 * 48), rtol=0)
+    # smooth: a mask's outline (pixels whose right or lower neighbour differs) is a small part of its area
+    edges = ((masks[..., :, 1:] != masks[..., :, :-1]).sum(dim=(1, 2, 3))
+             + (masks[..., 1:, :] != masks[..., :-1, :]).sum(dim=(1, 2, 3)))
+    assert (edges < 0.5 * masks.sum(dim=(1, 2, 3))).all()
+    assert torch.equal(masks, blob_masks(4, 64, 48, torch.Generator().manual_seed(3)))
+    assert not torch.equal(masks, blob_masks(4, 64, 48, torch.Generator().manual_seed(4)))
+
+
+def test_blob_start_encodes_a_field_with_a_blob_of_two_seeded_colours(tiny_path):
+    vq = load_vqgan(tiny_path)
+    backend = VQGANGenerator(2, 16, 16, generator=torch.Generator().manual_seed(5), model=str(tiny_path),
+                             start="blob")
+    seeded = torch.Generator().manual_seed(5)
+    colours = torch.rand(2, 2, 3, 1, 1, generator=seeded)                  # per image: background, blob
+    mask = blob_masks(2, 16, 16, seeded)
+    pictures = colours[:, 0] * (1 - mask) + colours[:, 1] * mask
+    torch.testing.assert_close(backend.z.detach(), vq.encode(pictures * 2 - 1))
+
+
+def test_palette_starts_offer_every_colour_and_every_ordered_pair():
+    palette = parse_palette("#ff0000,#00ff00,#0000ff")
+    flat = start_pictures("flat", palette, 2, 8, 8, torch.Generator())
+    assert flat.shape == (2, 3, 3, 8, 8)
+    torch.testing.assert_close(flat[1, :, :, 4, 4], palette)
+    blob = start_pictures("blob", palette, 2, 8, 8, torch.Generator().manual_seed(1))
+    mask = blob_masks(2, 8, 8, torch.Generator().manual_seed(1))           # a palette start draws only the masks
+    assert blob.shape == (2, 6, 3, 8, 8)
+    inside, outside = mask[1, 0].nonzero()[0], (1 - mask[1, 0]).nonzero()[0]
+    pairs = {(tuple(p[:, outside[0], outside[1]].tolist()), tuple(p[:, inside[0], inside[1]].tolist()))
+             for p in blob[1]}
+    colours = [tuple(c.tolist()) for c in palette]
+    assert pairs == {(a, b) for a in colours for b in colours if a != b}
+
+
+class _Redness:
+    """A stand-in guidance whose CLIP score is an image's mean red channel."""
+
+    @staticmethod
+    def clip_score(images):
+        return images[:, 0].mean(dim=(1, 2))
+
+
+def test_a_palette_start_begins_from_the_candidate_the_clip_score_ranks_first(tiny_path):
+    vq = load_vqgan(tiny_path)
+    palette = parse_palette("#ff0000,#00ff00,#0000ff,#ffffff")
+    backend = VQGANGenerator(2, 16, 16, generator=torch.Generator().manual_seed(2), model=str(tiny_path),
+                             start="blob", palette=palette.mul(255).round().int().tolist())
+    pictures = start_pictures("blob", palette, 2, 16, 16, torch.Generator().manual_seed(2))
+    firsts, expected = [], []
+    with torch.no_grad():
+        for image in range(2):
+            latents = vq.encode(pictures[image] * 2 - 1)
+            decoded = ((vq.decode(vq.quantize_st(latents)[0]) + 1) / 2).clamp(0, 1)
+            scores = _Redness.clip_score(decoded)
+            assert scores.argmax() > 0                                # the ranking changes the start
+            firsts.append(latents[0])
+            expected.append(latents[int(scores.argmax())])
+    torch.testing.assert_close(backend.z.detach(), torch.stack(firsts))   # before the guidance is known
+    with torch.no_grad():
+        backend.choose_start(_Redness())
+    torch.testing.assert_close(backend.z.detach(), torch.stack(expected))
 
 
 def test_size_must_be_a_multiple_of_the_factor(tiny_path):
