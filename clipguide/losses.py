@@ -141,14 +141,49 @@ def border(images: Tensor) -> Tensor:
     0 exactly when the frame is one colour; it pulls what the picture shows off the edges, the prior of a centred
     subject on a plain background. ``images [B, 3, H, W]`` floating, ``H, W >= 2`` -> ``[B]``, ``>= 0``.
     """
+    return images[..., _frame(images, "border")].var(dim=-1, correction=0).mean(dim=1)
+
+
+def _frame(images: Tensor, loss: str) -> Tensor:
+    """Bool [H, W]: the outer :func:`frame_width` pixels of ``images`` [B, 3, H, W] (checked; ``loss`` names the
+    caller in the error for pictures under 2x2)."""
     check_images(images)
     height, width = images.shape[2], images.shape[3]
     if height < 2 or width < 2:
-        raise ClipguideError(f"border needs images at least 2x2 pixels, got {height}x{width}")
+        raise ClipguideError(f"{loss} needs images at least 2x2 pixels, got {height}x{width}")
     w = frame_width(height, width)
     frame = torch.ones(height, width, dtype=torch.bool, device=images.device)
     frame[w:height - w, w:width - w] = False
-    return images[..., frame].var(dim=-1, correction=0).mean(dim=1)
+    return frame
+
+
+@IMAGE_LOSSES.register("two_colour")
+def two_colour(images: Tensor) -> Tensor:
+    """Two-colour flatness: the mean over pixels of the squared RGB distance from each pixel to the segment between
+    the picture's two colours.
+
+    The two colours are the centres of a 2-means clustering of the picture's pixels, started from the median colour
+    of its :func:`border` frame and the pixel farthest from that, after 5 Lloyd steps; no gradient flows
+    through them. 0 for a picture of two flat colours and their blends (anti-aliased edges included); a fringe of a
+    third colour along an edge, a tint, a texture or a third colour costs. The loss form of ``pixels``'
+    ``colors=2`` for a backend that cannot be built that way (``vqgan``).
+
+    ``images [B, 3, H, W]`` floating, ``H, W >= 2`` -> ``[B]``, ``>= 0``.
+    """
+    frame = _frame(images, "two_colour")
+    with torch.no_grad():
+        pixels = images.detach().flatten(2).transpose(1, 2)                        # [B, N, 3]
+        first = images.detach()[..., frame].median(dim=-1).values                  # [B, 3]
+        farthest = (pixels - first[:, None]).pow(2).sum(-1).argmax(dim=1)
+        second = pixels[torch.arange(len(pixels), device=pixels.device), farthest]
+        for _ in range(5):
+            nearer_second = ((pixels - second[:, None]).pow(2).sum(-1)
+                             < (pixels - first[:, None]).pow(2).sum(-1)).to(pixels.dtype)[..., None]
+            second = (pixels * nearer_second).sum(1) / nearer_second.sum(1).clamp(min=1)
+            first = (pixels * (1 - nearer_second)).sum(1) / (1 - nearer_second).sum(1).clamp(min=1)
+    start, axis = first[:, :, None, None], (second - first)[:, :, None, None]
+    along = ((images - start) * axis).sum(1, keepdim=True) / axis.pow(2).sum(1, keepdim=True).clamp(min=1e-12)
+    return (images - start - along.clamp(0, 1) * axis).pow(2).sum(dim=1).mean(dim=(1, 2))
 
 
 @IMAGE_LOSSES.register("saturation")

@@ -13,6 +13,7 @@ tv = IMAGE_LOSSES.get("tv")
 range_loss = IMAGE_LOSSES.get("range")
 saturation = IMAGE_LOSSES.get("saturation")
 border = IMAGE_LOSSES.get("border")
+two_colour = IMAGE_LOSSES.get("two_colour")
 
 PI = math.pi
 
@@ -197,7 +198,8 @@ def test_border_hand_values() -> None:
 def test_image_losses_zero_cases_have_finite_zero_gradients() -> None:
     constant = torch.full((2, 3, 4, 5), 0.3, dtype=torch.float64)
     grey = _randn(2, 1, 4, 5, seed=16).sigmoid().expand(2, 3, 4, 5)
-    for loss, image in ((tv, constant), (range_loss, grey), (saturation, grey), (border, constant)):
+    for loss, image in ((tv, constant), (range_loss, grey), (saturation, grey), (border, constant),
+                        (two_colour, constant)):
         x = image.clone().requires_grad_()
         value = loss(x)
         # zero up to the rounding of a mean of equal values
@@ -232,7 +234,25 @@ def test_image_loss_bad_input(name: str, images: torch.Tensor, match: str) -> No
         IMAGE_LOSSES.get(name)(images)
 
 
-@pytest.mark.parametrize("loss", [tv, border])
+def test_two_colour_hand_values_and_gradient() -> None:
+    # 8x8: a black frame and field, a white 4x4 square, and two odd pixels off the black-white diagonal, symmetric in
+    # the blue channel so that the black cluster's mean stays black: (0, 0, 0.3) projects to t = 0.1, the grey
+    # (0.1, 0.1, 0.1), at squared distance 0.06; (0, 0, -0.3) projects before black (t = -0.1 -> 0), at 0.09
+    image = torch.zeros(1, 3, 8, 8, dtype=torch.float64)
+    image[0, :, 2:6, 2:6] = 1.0
+    assert two_colour(image).item() == 0                                  # two flat colours
+    image[0, 2, 1, 1], image[0, 2, 1, 6] = 0.3, -0.3
+    image.requires_grad_(True)
+    value = two_colour(image)
+    torch.testing.assert_close(value, torch.tensor([(0.06 + 0.09) / 64], dtype=torch.float64))
+    value.sum().backward()
+    expected = torch.zeros_like(image)
+    expected[0, :, 1, 1] = 2 * (torch.tensor([0.0, 0.0, 0.3]) - 0.1) / 64   # 2 (x - projection) / N
+    expected[0, 2, 1, 6] = 2 * -0.3 / 64
+    torch.testing.assert_close(image.grad, expected)
+
+
+@pytest.mark.parametrize("loss", [tv, border, two_colour])
 def test_needs_two_pixels_each_way(loss) -> None:
     with pytest.raises(ClipguideError, match="at least 2x2 pixels, got 1x4"):
         loss(torch.ones(1, 3, 1, 4))
