@@ -649,7 +649,8 @@ class Text2Image:
                                                 label="CLIP model(s) (local only)")
                         retries = gr.Number(value=None, precision=0, minimum=0, maximum=MAX_RETRIES,
                                             label="Retries: redraw a picture that CLIP scores below a true pair "
-                                                  "(or, under a recipe's denoise judge, one unlike real pictures; "
+                                                  "(or, under a recipe's denoise judge, one unlike real pictures "
+                                                  "or one the CLIP no longer recognises once the judge cleans it; "
                                                   "blank: the recipe's or backend's default, 2 for diffusion)")
                     with gr.Row():
                         run_btn = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -49,6 +49,7 @@ def cmd_generate(args) -> None:
                    image_prompts=args.image_prompt, init_image=args.init_image, frames=args.frames,
                    progress=not args.json, device=args.device, compile=args.compile, retries=args.retries,
                    accept_score=args.accept_score, denoise_judge=args.denoise_judge, accept_error=args.accept_error,
+                   purify=args.purify,
                    recipe=None if args.no_recipe else "auto",
                    **{k: v for k, v in (("cutn", args.cutn), ("loss", args.loss), ("cutouts", args.cutouts),
                                         ("regularisers", dict(args.regulariser))) if v},
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-error", type=_positive_float,
                    help="denoise error (RMS, 0-255 levels) a picture may have (default: the judge's calibrated "
                         "value)")
+    p.add_argument("--purify", type=float_where(lambda x: 0 < x < 1, "a number in (0, 1)"), metavar="LEVEL",
+                   help="with --denoise-judge: test the CLIP score of the judge's clean estimates of each picture "
+                        "noised to this fraction of its timesteps, not of the picture itself, so one that fools the "
+                        "CLIP with detail the judge removes is redrawn (default: the recipe's, 0.2 for vqgan)")
     p.add_argument("--no-recipe", action="store_true",
                    help="ignore the recipe registered for this CLIP and backend (clipguide.recipes; the shipped "
                         "shapes CLIP has one for pixels) and use the backend's own defaults")

@@ -15,6 +15,12 @@ stay under, measured by :func:`calibrate` and stored beside the model's weights 
 On the shipped ``shapes`` model, real 64 px ShapesWorld pictures have a median error near 2.2 levels and a 99th
 percentile of 4.1 (the stored calibration); guided ``pixels`` pictures of the right colours but no shape the oracle
 reads reached 3.6 to 12, right ones 2.5 to 4.2.
+
+The judge also purifies (:func:`purified`, ``guide(..., purify=0.2)``): guidance fools the CLIP it climbs, so a blue
+triangle drawn for "a blue circle on a yellow background" can score 77 for the circle and 66 for the triangle. Noised
+to 20% of the timesteps and denoised, it is a plain blue triangle again, and the CLIP scores that 62 for the circle
+(DiffPure, Nie et al. 2022, used as a judge). Real pictures keep their score: 98.5% of 200 fresh ShapesWorld
+pictures still reach the shipped CLIP's match score of 76.4 once purified.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,12 +41,13 @@ from core_clip.cli import OneLineParser, float_where, int_at_least, run
 
 from .diffusion_prior import draw_timesteps, estimate_x0, pixel_model, to_model_pixels
 from .errors import ClipguideError
-from .generators.diffusion import DiffusionModel, _folder
+from .generators.diffusion import DiffusionModel, _folder, _fraction, _whole
 from .losses import check_images
 from .training import shapes_batch
 
 T_RANGE = (0.1, 0.3)
 COPIES = 16
+PURIFY_COPIES = 4
 CALIBRATION = "calibration.json"
 
 ModelLike = Union[str, os.PathLike, DiffusionModel]
@@ -65,6 +73,35 @@ def denoise_error(images: Tensor, model: ModelLike = "shapes", *, t_range: tuple
             errors.append((chunk - x0.mean(1)).pow(2).mean(dim=(1, 2, 3)))
     # [-1, 1] units -> [0, 1] (half the distance) -> 0-255 levels
     return torch.cat(errors).sqrt() * (255 / 2)
+
+
+def purified(images: Tensor, model: ModelLike = "shapes", *, level: float, copies: int = PURIFY_COPIES,
+             seed: int = 0, batch_size: int = 32) -> Tensor:
+    """images [B, 3, H, W] in [0, 1] -> [B, copies, 3, H, W] in [0, 1]: the model's clean estimates of each picture
+    (at its native size) noised to the timestep at fraction ``level`` in (0, 1) of its training timesteps, resized
+    back to the pictures' size (bilinear). Detail that the model takes for noise, such as what fools a CLIP, is gone;
+    what it takes for the picture stays. The noise draws come from ``seed`` and are the same for every picture. No
+    gradient."""
+    check_images(images)
+    purify_level(level)
+    _whole("purify copies", copies, 1)
+    model = pixel_model(model, images.device)
+    generator = torch.Generator(images.device).manual_seed(seed)
+    with torch.no_grad():
+        x = to_model_pixels(images.detach().float(), model)
+        t = torch.full((copies,), int(level * (len(model.scheduler.alphas_cumprod) - 1)), device=x.device)
+        noise = torch.randn((copies, *x.shape[1:]), generator=generator, device=x.device)
+        out = []
+        for chunk in x.split(max(1, batch_size // copies)):
+            n = len(chunk)
+            x0 = estimate_x0(model, chunk.repeat_interleave(copies, dim=0), t.repeat(n), noise.repeat(n, 1, 1, 1))
+            out.append(F.interpolate(x0, size=images.shape[-2:], mode="bilinear", align_corners=False))
+    return ((torch.cat(out) + 1) / 2).clamp(0, 1).view(len(images), copies, *images.shape[1:])
+
+
+def purify_level(value) -> float:
+    """``value`` if it is a noise level in (0, 1), a fraction of a model's training timesteps, else ClipguideError."""
+    return _fraction("purify", value, one_included=False)
 
 
 def calibrated_error(model: ModelLike = "shapes") -> Optional[float]:

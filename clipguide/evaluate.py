@@ -78,6 +78,7 @@ def evaluate(case_list: Sequence[Case], *, progress: bool = True, from_truth: bo
         rows.append({"prompt": case.prompt, "reading": reading, "seconds": result.seconds,
                      "clip_score": result.clip_score[0], "attempts": result.attempts[0],
                      "denoise_error": result.denoise_error[0] if result.denoise_error else None,
+                     "purified_score": result.purified_score[0] if result.purified_score else None,
                      "right": {k: reading[k] == getattr(case, k) for k in ("color", "background", "shape")}})
     n = len(rows)
     summary = {k: sum(r["right"][k] for r in rows) / n for k in ("color", "background", "shape")}

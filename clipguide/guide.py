@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from core_clip.model import is_clip_score
 from core_clip.preprocess import Images, as_image_batch, open_image
 
-from .denoise_judge import calibrated_error, denoise_error, positive_level
+from .denoise_judge import calibrated_error, denoise_error, positive_level, purified, purify_level
 from .determinism import deterministic
 from .diffusion_prior import pixel_model
 from .errors import ClipguideError
@@ -37,7 +37,9 @@ class GuideResult:
     regulariser); clip_score: per image, ``100 * max(cos, 0)`` against the positive prompts' targets under the first
     perceptor model (averaged over those prompts); steps: optimisation / sampling steps actually run, retries
     included; seconds: wall time; attempts: per image, how many pictures were drawn for it (1 + its retries);
-    denoise_error: per image, its :func:`~clipguide.denoise_judge.denoise_error` when a ``denoise_judge`` was given.
+    denoise_error: per image, its :func:`~clipguide.denoise_judge.denoise_error` when a ``denoise_judge`` was given;
+    purified_score: per image, the CLIP score of its purified copies (the score its retries were judged by) when
+    ``purify`` was given.
     """
 
     image: Image.Image
@@ -49,6 +51,7 @@ class GuideResult:
     seconds: float
     attempts: list[int]
     denoise_error: Optional[list[float]] = None
+    purified_score: Optional[list[float]] = None
 
     @property
     def retries(self) -> int:
@@ -115,8 +118,8 @@ def _clip_name(clip: Union[ModelSpec, Sequence[ModelSpec], Perceptor]) -> Option
 
 def _apply_recipe(recipe: Union[str, Recipe, None], clip, backend: str, settings: dict,
                   guidance_options: dict) -> None:
-    """Fill the unset entries of ``settings`` (steps, backend_options, retries, denoise_judge, accept_error) and of
-    ``guidance_options`` in place from ``recipe`` ("auto": the one registered for ``clip`` and ``backend``)."""
+    """Fill the unset entries of ``settings`` (steps, backend_options, retries, denoise_judge, accept_error, purify)
+    and of ``guidance_options`` in place from ``recipe`` ("auto": the one registered for ``clip`` and ``backend``)."""
     if recipe == "auto":
         recipe = recipe_for(_clip_name(clip), backend)
     elif recipe is not None and not isinstance(recipe, Recipe):
@@ -130,18 +133,24 @@ def _apply_recipe(recipe: Union[str, Recipe, None], clip, backend: str, settings
         settings["retries"] = recipe.retries
     if settings["denoise_judge"] is None and settings["accept_error"] is None:
         settings["denoise_judge"] = recipe.denoise_judge
+    if settings["purify"] is None and settings["denoise_judge"] is not None:
+        settings["purify"] = recipe.purify
     for name, value in recipe.guidance.items():
         guidance_options.setdefault(name, value)
 
 
-def _judge_policy(denoise_judge, accept_error: Optional[float], device: torch.device) -> Optional[float]:
+def _judge_policy(denoise_judge, accept_error: Optional[float], purify: Optional[float],
+                  device: torch.device) -> Optional[float]:
     """The denoise error a picture may have to be kept (None: no judge); see :func:`guide`. Loads the judge's
-    model, so that a wrong one fails before any sampling."""
+    model and checks ``purify``, so that a wrong setting fails before any sampling."""
     if denoise_judge is None:
-        if accept_error is not None:
-            raise ClipguideError("accept_error needs a denoise_judge (a pixel diffusion model, e.g. 'shapes')")
+        for name, value in (("accept_error", accept_error), ("purify", purify)):
+            if value is not None:
+                raise ClipguideError(f"{name} needs a denoise_judge (a pixel diffusion model, e.g. 'shapes')")
         return None
     pixel_model(denoise_judge, device)
+    if purify is not None:
+        purify_level(purify)
     if accept_error is not None:
         return positive_level("accept_error", accept_error)
     calibrated = calibrated_error(denoise_judge)
@@ -199,8 +208,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
           frames: Union[str, os.PathLike, None] = None, frame_every: int = 1, progress: bool = False,
           retries: Optional[int] = None, accept_score: Optional[float] = None,
           denoise_judge: Union[str, os.PathLike, None] = None, accept_error: Optional[float] = None,
-          recipe: Union[str, Recipe, None] = "auto", device: Union[str, torch.device, None] = None,
-          compile: bool = False, **guidance_options) -> GuideResult:
+          purify: Optional[float] = None, recipe: Union[str, Recipe, None] = "auto",
+          device: Union[str, torch.device, None] = None, compile: bool = False, **guidance_options) -> GuideResult:
     """Steer ``backend`` towards ``prompts`` with CLIP and return the pictures.
 
     Args:
@@ -234,6 +243,11 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             one passing more tests is kept (the higher CLIP score breaks ties). None: CLIP score alone.
         accept_error: the denoise error (RMS, 0-255 levels) a picture may have; None: the judge's calibrated value
             (the error 99% of real pictures of its domain stay under).
+        purify: with a ``denoise_judge``, a noise level in (0, 1) (a fraction of the judge's timesteps): the score
+            that ``accept_score`` tests, and that ranks a picture's attempts, is then the mean CLIP score of the
+            judge's clean estimates of the picture noised to that level (:func:`~clipguide.denoise_judge.purified`)
+            rather than of the picture itself, so a picture that fools the CLIP with detail the judge removes is
+            drawn again. None: the picture's own score.
         recipe: "auto": settings left unset here (None, or absent from ``backend_options`` and
             ``guidance_options``) come from the :class:`~clipguide.recipes.Recipe` registered for this CLIP model and
             backend, when there is one (the shipped ``shapes`` CLIP has one for ``pixels``); None: the backend's and
@@ -248,10 +262,10 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     start = time.perf_counter()
     factory = GENERATORS.get(backend)
     settings = dict(steps=steps, backend_options=dict(backend_options or {}), retries=retries,
-                    denoise_judge=denoise_judge, accept_error=accept_error)
+                    denoise_judge=denoise_judge, accept_error=accept_error, purify=purify)
     _apply_recipe(recipe, clip, backend, settings, guidance_options)
-    steps, options, retries, denoise_judge = (settings[k] for k in ("steps", "backend_options", "retries",
-                                                                     "denoise_judge"))
+    steps, options, retries, denoise_judge, purify = (settings[k] for k in ("steps", "backend_options", "retries",
+                                                                             "denoise_judge", "purify"))
     check_options(factory, backend, options)
     width, height = parse_size(size) if size is not None else factory.native_size(**options)
     steps = factory.default_steps if steps is None else steps
@@ -272,7 +286,7 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     perceptor = clip if isinstance(clip, Perceptor) else Perceptor(clip, device=device, compile=compile)
     retries, accept = _retry_policy(retries, accept_score, factory, options, all_prompts, perceptor)
-    max_error = _judge_policy(denoise_judge, accept_error, perceptor.device)
+    max_error = _judge_policy(denoise_judge, accept_error, purify, perceptor.device)
     init = _init_tensor(init_image, width, height, perceptor.device)
 
     guidance = CLIPGuidance(all_prompts, perceptor, seed=seed, **guidance_options)
@@ -285,21 +299,25 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
             backend_impl.compile_decode()
         return backend_impl, generator
 
-    def draw(attempt_seed: int, prepared: tuple, on_step: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The prepared backend's pictures [count, 3, H, W] in [0, 1], guided with cutouts seeded ``attempt_seed``,
-        their CLIP scores [count] and denoise errors [count] (NaN without a judge)."""
+    def draw(attempt_seed: int, prepared: tuple, on_step: Callable) -> list[torch.Tensor]:
+        """[pictures, scores, judged, errors]: the prepared backend's pictures [count, 3, H, W] in [0, 1], guided with
+        cutouts seeded ``attempt_seed``, their CLIP scores [count], the scores they are judged by [count] (of their
+        purified copies with ``purify``, else their own) and their denoise errors [count] (NaN without a judge)."""
         backend_impl, generator = prepared
         guidance.reseed(attempt_seed)
         with deterministic(perceptor.device):
             pictures = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
-            errors = (denoise_error(pictures, denoise_judge) if denoise_judge is not None
-                      else torch.full((len(pictures),), math.nan, device=pictures.device))
-        return pictures, guidance.clip_score(pictures), errors
+            nan = torch.full((len(pictures),), math.nan, device=pictures.device)
+            errors = denoise_error(pictures, denoise_judge) if denoise_judge is not None else nan
+            copies = purified(pictures, denoise_judge, level=purify) if purify is not None else None
+        scores = guidance.clip_score(pictures)
+        judged = scores if copies is None else guidance.clip_score(copies.flatten(0, 1)).view(len(pictures), -1).mean(1)
+        return [pictures, scores, judged, errors]
 
-    def merit(score: torch.Tensor, error: torch.Tensor) -> tuple[int, float]:
-        """(tests passed, CLIP score): a picture passing every test is accepted; higher is kept."""
-        passed = int(score >= accept) + (int(error <= max_error) if max_error is not None else 0)
-        return passed, float(score)
+    def merit(judged: torch.Tensor, error: torch.Tensor) -> tuple[int, float]:
+        """(tests passed, judged CLIP score): a picture passing every test is accepted; higher is kept."""
+        passed = int(judged >= accept) + (int(error <= max_error) if max_error is not None else 0)
+        return passed, float(judged)
 
     tests = 1 + (max_error is not None)
     first = prepare(seed, batch, options)  # bad settings fail here, before any progress is shown
@@ -324,24 +342,28 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpe
         return on_step
 
     try:
-        images, scores, errors = draw(seed, first, reporter(lambda x: x))
+        kept = draw(seed, first, reporter(lambda x: x))     # pictures, scores, judged, errors
+        images = kept[0]
         attempts = [1] * batch
         for i in range(batch):
             for k in range(1, retries + 1):
-                if merit(scores[i], errors[i])[0] == tests:
+                if merit(kept[2][i], kept[3][i])[0] == tests:
                     break
                 bar.total += steps
                 bar.refresh()
                 view = lambda x, i=i: torch.cat([images[:i], x, images[i + 1:]])  # noqa: E731
                 attempt_seed = retry_seed(seed, i, k)
-                picture, score, error = draw(attempt_seed, prepare(attempt_seed, 1, retry_options), reporter(view))
+                drawn = draw(attempt_seed, prepare(attempt_seed, 1, retry_options), reporter(view))
                 attempts[i] += 1
-                if merit(score[0], error[0]) > merit(scores[i], errors[i]):
-                    images[i], scores[i], errors[i] = picture[0], score[0], error[0]
+                if merit(drawn[2][0], drawn[3][0]) > merit(kept[2][i], kept[3][i]):
+                    for column, value in zip(kept, drawn):
+                        column[i] = value[0]
     finally:
         bar.close()
     if writer is not None:
         writer.finish()
+    _, scores, judged, errors = kept
     return GuideResult(image=to_pil(images[:1])[0], images=to_pil(images), tensor=images.cpu(), losses=history,
                        clip_score=scores.tolist(), steps=len(history), seconds=time.perf_counter() - start,
-                       attempts=attempts, denoise_error=errors.tolist() if max_error is not None else None)
+                       attempts=attempts, denoise_error=errors.tolist() if max_error is not None else None,
+                       purified_score=judged.tolist() if purify is not None else None)

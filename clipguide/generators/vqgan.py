@@ -110,17 +110,20 @@ class VQGANGenerator(OptimisedGenerator):
             raise ClipguideError(f"vqgan output size must be a multiple of {f} (its downsampling factor), "
                                  f"got {width}x{height}")
         codes = self.vqgan.codebook.detach()
-        self.candidates: Optional[torch.Tensor] = None    # [B, K, D, h, w] start latents for choose_start to rank
+        # [B or 1, K, D, h, w]: start latents for choose_start to rank, per image or (1) the same for every image
+        self.candidates: Optional[torch.Tensor] = None
         if init is None and start == "codes":
             index = torch.randint(len(codes), (batch, height // f, width // f), generator=generator, device=device)
             z = codes[index].permute(0, 3, 1, 2)
         elif init is None:
             pictures = start_pictures(start, None if colours is None else colours.to(device), batch, height, width,
                                       generator)
+            if colours is not None and start == "flat":
+                pictures = pictures[:1]    # every image's candidates are the palette's fields: encode them once
             with torch.no_grad():
                 latents = torch.cat([self.vqgan.encode(p * 2 - 1) for p in pictures.flatten(0, 1).split(CHUNK)])
             latents = latents.view(*pictures.shape[:2], *latents.shape[1:])
-            z = latents[:, 0]
+            z = latents[:, 0].expand(batch, -1, -1, -1)
             if latents.shape[1] > 1:
                 self.candidates = latents
         else:
@@ -151,9 +154,11 @@ class VQGANGenerator(OptimisedGenerator):
         ``guidance.clip_score`` rates highest (the first on a tie, or when no prompt is positive); once."""
         if self.candidates is None:
             return
-        for image, latents in enumerate(self.candidates):
+        best = []
+        for latents in self.candidates:
             scores = guidance.clip_score(torch.cat([self._pictures(z) for z in latents.split(CHUNK)]))
-            self.z[image] = latents[int(scores.argmax())]
+            best.append(latents[int(scores.argmax())])
+        self.z.copy_(torch.stack(best).expand_as(self.z))
         self.candidates = None
 
     def constrain(self) -> None:

@@ -130,6 +130,8 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--accept-error", "0"], "--accept-error: expected a positive number, got 0"),
     (["--accept-error", "3"], "accept_error needs a denoise_judge"),
     (["--denoise-judge", "nope"], "diffusion model 'nope' is neither a shipped name"),
+    (["--purify", "1"], "--purify: expected a number in (0, 1), got 1"),
+    (["--purify", "0.2", "--no-recipe"], "purify needs a denoise_judge"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, args, match):
     code, out, err = generate(capsys, "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"), *args)

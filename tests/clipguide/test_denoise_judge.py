@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from clipguide import ClipguideError, guide, retry_seed
-from clipguide.denoise_judge import calibrate, calibrated_error, denoise_error, main
+from clipguide import CLIPGuidance
+from clipguide.denoise_judge import calibrate, calibrated_error, denoise_error, main, purified
 from clipguide.generators.diffusion import DiffusionModel, WEIGHTS
 from clipguide.training import shapes_batch
 
@@ -46,6 +47,56 @@ def test_a_pictures_error_depends_on_the_picture_and_the_seed_alone():
     torch.testing.assert_close(denoise_error(images, model, copies=4, batch_size=4), together, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(denoise_error(images, model, copies=4, seed=1), together)
     assert (together > 0).all()
+
+
+def test_purified_pictures_are_the_models_estimates_of_noised_copies_resized_back():
+    unet, scheduler = tiny_unet("epsilon", sample_size=8)
+    model = DiffusionModel(unet, scheduler)
+    images = torch.rand(3, 3, 32, 24, generator=torch.Generator().manual_seed(4))
+    out = purified(images, model, level=0.3, copies=2, seed=5)
+    assert out.shape == (3, 2, 3, 32, 24)
+    # by hand: area-average to the model's 8 px, noise to t = int(0.3 * 999) with the seed's draws, estimate x0
+    x = F.interpolate(images, size=(8, 8), mode="area") * 2 - 1
+    noise = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(5))
+    t = int(0.3 * 999)
+    a = scheduler.alphas_cumprod[t]
+    for copy in range(2):
+        x_t = a.sqrt() * x + (1 - a).sqrt() * noise[copy]
+        with torch.no_grad():
+            eps = unet(x_t, torch.full((3,), t)).sample
+        x0 = ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        expected = (F.interpolate(x0, size=(32, 24), mode="bilinear", align_corners=False) + 1) / 2
+        torch.testing.assert_close(out[:, copy], expected, rtol=1e-4, atol=1e-5)
+    # a picture's copies depend on the picture and the seed alone
+    alone = torch.cat([purified(images[i:i + 1], model, level=0.3, copies=2, seed=5) for i in range(3)])
+    torch.testing.assert_close(alone, out, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(purified(images, model, level=0.3, copies=2, seed=6), out)
+    for level in (0, 1, True, math.nan):
+        with pytest.raises(ClipguideError, match="purify must be a number in"):
+            purified(images, model, level=level)
+
+
+def test_purification_undoes_a_picture_that_fools_the_shipped_clip():
+    from core_clip import shapes
+
+    triangle = shapes.render(shapes.Scene("triangle", "blue", "yellow", "large", "center"), 64)
+    x = torch.from_numpy(triangle).permute(2, 0, 1)[None].float() / 255
+    circle = CLIPGuidance("a blue circle on a yellow background", "shapes")
+    truth = CLIPGuidance("a blue triangle on a yellow background", circle.perceptor)
+    model = circle.perceptor.members[0].model
+    # signed-gradient ascent of the circle caption's cosine, within 64/255 of the true picture, as guidance would
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(40):
+        embedding = model.embed_images((x + delta).clamp(0, 1), grad=True)
+        (embedding / embedding.norm(dim=-1, keepdim=True) @ circle.targets[0].T).sum().backward()
+        with torch.no_grad():
+            delta += 4 / 255 * delta.grad.sign()
+            delta.clamp_(-64 / 255, 64 / 255)
+            delta.grad = None
+    fooling = (x + delta).detach().clamp(0, 1)
+    assert circle.clip_score(fooling) > model.match_score > truth.clip_score(fooling)
+    copies = purified(fooling, "shapes", level=0.2)[0]
+    assert truth.clip_score(copies).mean() > model.match_score > circle.clip_score(copies).mean()
 
 
 def test_calibration_is_the_quantile_of_the_real_pictures_errors():
@@ -118,6 +169,22 @@ def test_the_kept_picture_passes_more_tests_before_it_scores_higher(perceptor, t
     assert torch.equal(result.tensor, drawn[best].tensor)
 
 
+def test_with_purify_retries_judge_the_score_of_the_purified_picture(perceptor, tiny_diffusion_path):
+    probe = run(perceptor, tiny_diffusion_path, seed=3, retries=0, purify=0.5, accept_error=1e6)
+    raw, judged = probe.clip_score[0], probe.purified_score[0]
+    guidance = CLIPGuidance(PROMPT, perceptor)
+    copies = purified(probe.tensor, str(tiny_diffusion_path), level=0.5)[0]
+    assert judged == pytest.approx(float(guidance.clip_score(copies).mean()), abs=1e-4)
+    assert abs(raw - judged) > 1e-3
+    # a threshold between the two scores: exactly one of the judged and the plain runs accepts the first picture
+    threshold = (raw + judged) / 2
+    with_purify = run(perceptor, tiny_diffusion_path, seed=3, retries=1, accept_score=threshold, purify=0.5,
+                      accept_error=1e6)
+    plain = run(perceptor, tiny_diffusion_path, seed=3, retries=1, accept_score=threshold, accept_error=1e6)
+    assert with_purify.attempts == ([1] if judged >= threshold else [2])
+    assert plain.attempts == ([1] if raw >= threshold else [2]) and plain.purified_score is None
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"accept_error": 3.0}, "accept_error needs a denoise_judge"),
     ({"denoise_judge": "TINY"}, "has no calibrated denoise error"),
@@ -125,6 +192,8 @@ def test_the_kept_picture_passes_more_tests_before_it_scores_higher(perceptor, t
     ({"denoise_judge": "TINY", "accept_error": math.nan}, "accept_error must be a positive number"),
     ({"denoise_judge": "TINY", "accept_error": True}, "accept_error must be a positive number"),
     ({"denoise_judge": "nope"}, "diffusion model 'nope' is neither a shipped name"),
+    ({"purify": 0.2}, "purify needs a denoise_judge"),
+    ({"denoise_judge": "TINY", "accept_error": 3.0, "purify": 1.0}, r"purify must be a number in \(0, 1\)"),
 ])
 def test_bad_judge_settings_raise_before_sampling(perceptor, tiny_diffusion_path, kwargs, match):
     if kwargs.get("denoise_judge") == "TINY":

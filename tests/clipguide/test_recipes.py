@@ -29,11 +29,12 @@ def test_the_shipped_clip_paints_pixels_with_its_recipe():
 def test_the_shipped_clip_steers_the_shipped_vqgan_with_its_recipe():
     recipe = recipe_for("shapes", "vqgan")
     options = {"start": "blob", "palette": "shapes"}
-    assert recipe.backend_options == options and recipe.denoise_judge == "shapes"
+    assert recipe.backend_options == options and recipe.denoise_judge == "shapes" and recipe.purify == 0.2
     auto = guide(PROMPT, backend="vqgan", steps=1, seed=2, retries=1)
     explicit = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None, backend_options=options,
-                     retries=1, denoise_judge="shapes", **recipe.guidance)
+                     retries=1, denoise_judge="shapes", purify=0.2, **recipe.guidance)
     assert torch.equal(auto.tensor, explicit.tensor) and auto.attempts == explicit.attempts
+    assert auto.purified_score == explicit.purified_score is not None
     assert set(recipe.guidance["regularisers"]) <= set(auto.losses[0])
     plain = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None)
     assert plain.denoise_error is None and "diffusion_prior_deep" not in plain.losses[0]

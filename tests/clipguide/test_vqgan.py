@@ -156,6 +156,22 @@ def test_a_palette_start_begins_from_the_candidate_the_clip_score_ranks_first(ti
     torch.testing.assert_close(backend.z.detach(), torch.stack(expected))
 
 
+def test_a_palette_flat_start_encodes_the_palette_once_and_starts_every_image_from_its_best_field(tiny_path):
+    vq = load_vqgan(tiny_path)
+    palette = parse_palette("#00ff00,#ff0000,#0000ff")
+    backend = VQGANGenerator(3, 16, 16, generator=torch.Generator(), model=str(tiny_path), start="flat",
+                             palette="#00ff00,#ff0000,#0000ff")
+    with torch.no_grad():
+        latents = vq.encode(palette[:, :, None, None].expand(3, 3, 16, 16) * 2 - 1)
+        decoded = ((vq.decode(vq.quantize_st(latents)[0]) + 1) / 2).clamp(0, 1)
+    assert backend.candidates.shape == (1, *latents.shape)
+    torch.testing.assert_close(backend.candidates[0], latents)
+    with torch.no_grad():
+        backend.choose_start(_Redness())
+    best = latents[int(_Redness.clip_score(decoded).argmax())]
+    torch.testing.assert_close(backend.z.detach(), best.expand(3, -1, -1, -1))
+
+
 def test_size_must_be_a_multiple_of_the_factor(tiny_path):
     with pytest.raises(ClipguideError, match="multiple of 2"):
         VQGANGenerator(1, 15, 16, generator=torch.Generator(), model=str(tiny_path))
