@@ -200,7 +200,8 @@ class _Frames:
         return video
 
 
-def guide(prompts: PromptsLike, *, backend: str = "pixels", clip: Union[ModelSpec, Sequence[ModelSpec], Perceptor] = "shapes",
+def guide(prompts: PromptsLike, *, backend: str = "pixels",
+          clip: Union[ModelSpec, Sequence[ModelSpec], Perceptor] = "shapes",
           steps: Optional[int] = None, size: Union[int, str, Sequence[int], None] = None, seed: int = 0, batch: int = 1,
           negative: Union[str, Sequence[str]] = (), image_prompts: Sequence[Union[str, os.PathLike]] = (),
           init_image: Union[str, os.PathLike, Images, None] = None, backend_options: Optional[dict] = None,

@@ -38,7 +38,8 @@ def _member(spec: ModelSpec, device: str | torch.device | None) -> Member:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = core_clip.load(model, device=device, precision="bf16" if device.type == "cuda" else "fp32")
     if not isinstance(model, ClipModel):
-        raise ClipguideError(f"a perceptor member must be a model name or a core_clip.ClipModel, got {type(model).__name__}")
+        raise ClipguideError("a perceptor member must be a model name or a core_clip.ClipModel, "
+                             f"got {type(model).__name__}")
     if not weight > 0 or weight != weight or weight == float("inf"):
         raise ClipguideError(f"perceptor weight of {model.name} must be a positive finite number, got {weight}")
     for p in model.parameters():

@@ -190,7 +190,8 @@ def load_taming(yaml_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> V
     config, prefix = config_from_taming(yaml_path)
     with torch.serialization.safe_globals(_LIGHTNING_STAND_INS):
         state = read_state_dict(ckpt_path)
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + "loss.")}
+    state = {k[len(prefix):]: v for k, v in state.items()
+             if k.startswith(prefix) and not k.startswith(prefix + "loss.")}
     model = VQGAN(config)
     load_strict(model, state, f"{ckpt_path} with {yaml_path}")
     return model

@@ -62,8 +62,8 @@ class Pixels(OptimisedGenerator):
             fixed one: guidance can recolour it.
         resolution: the grid's shorter side (None: full resolution). A coarse grid cannot hold pixel-level texture.
         colors: number of regions K, or None (free RGB, or one region per palette colour).
-        palette: fixed colours: a name from :data:`~clipguide.palettes.PALETTES` ("shapes"), "#rrggbb,#rrggbb,...", or a sequence of
-            "#rrggbb" / (r, g, b) 0-255 items.
+        palette: fixed colours: a name from :data:`~clipguide.palettes.PALETTES` ("shapes"), "#rrggbb,#rrggbb,...",
+            or a sequence of "#rrggbb" / (r, g, b) 0-255 items.
         sharpness: how hard each pixel chooses among the regions (the softmax's inverse temperature).
         choice_sharpness: (start, end) inverse temperature of each region's choice of palette colour.
         lr: Adam learning rate (the logits are scaled by ``sharpness``, so in softmax units they move that many
