@@ -65,14 +65,21 @@ def denoise_error(images: Tensor, model: ModelLike = "shapes", *, t_range: tuple
         x = to_model_pixels(images.detach().float(), model)
         t = draw_timesteps(model, t_range, copies, generator, x.device)
         noise = torch.randn((copies, *x.shape[1:]), generator=generator, device=x.device)
-        errors = []
-        for chunk in x.split(max(1, batch_size // copies)):
-            n = len(chunk)
-            clean = chunk.repeat_interleave(copies, dim=0)
-            x0 = estimate_x0(model, clean, t.repeat(n), noise.repeat(n, 1, 1, 1)).view(n, copies, *x.shape[1:])
-            errors.append((chunk - x0.mean(1)).pow(2).mean(dim=(1, 2, 3)))
+        x0 = _estimates(model, x, t, noise, batch_size)
     # [-1, 1] units -> [0, 1] (half the distance) -> 0-255 levels
-    return torch.cat(errors).sqrt() * (255 / 2)
+    return (x - x0.mean(1)).pow(2).mean(dim=(1, 2, 3)).sqrt() * (255 / 2)
+
+
+def _estimates(model: DiffusionModel, x: Tensor, t: Tensor, noise: Tensor, batch_size: int) -> Tensor:
+    """The model's x0 estimates [B, C, 3, h, w] of each picture x [B, 3, h, w] in [-1, 1] noised with each of the C
+    draws (timesteps t [C], noise [C, 3, h, w]), run about ``batch_size`` noisy copies at a time; no gradient."""
+    copies = len(t)
+    out = []
+    for chunk in x.split(max(1, batch_size // copies)):
+        n = len(chunk)
+        x0 = estimate_x0(model, chunk.repeat_interleave(copies, dim=0), t.repeat(n), noise.repeat(n, 1, 1, 1))
+        out.append(x0.view(n, copies, *x.shape[1:]))
+    return torch.cat(out)
 
 
 def purified(images: Tensor, model: ModelLike = "shapes", *, level: float, copies: int = PURIFY_COPIES,
@@ -91,12 +98,9 @@ def purified(images: Tensor, model: ModelLike = "shapes", *, level: float, copie
         x = to_model_pixels(images.detach().float(), model)
         t = torch.full((copies,), int(level * (len(model.scheduler.alphas_cumprod) - 1)), device=x.device)
         noise = torch.randn((copies, *x.shape[1:]), generator=generator, device=x.device)
-        out = []
-        for chunk in x.split(max(1, batch_size // copies)):
-            n = len(chunk)
-            x0 = estimate_x0(model, chunk.repeat_interleave(copies, dim=0), t.repeat(n), noise.repeat(n, 1, 1, 1))
-            out.append(F.interpolate(x0, size=images.shape[-2:], mode="bilinear", align_corners=False))
-    return ((torch.cat(out) + 1) / 2).clamp(0, 1).view(len(images), copies, *images.shape[1:])
+        x0 = _estimates(model, x, t, noise, batch_size).flatten(0, 1)
+        out = F.interpolate(x0, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return ((out + 1) / 2).clamp(0, 1).view(len(images), copies, *images.shape[1:])
 
 
 def purify_level(value) -> float:

@@ -300,20 +300,20 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels",
             backend_impl.compile_decode()
         return backend_impl, generator
 
-    def draw(attempt_seed: int, prepared: tuple, on_step: Callable) -> list[torch.Tensor]:
-        """[pictures, scores, judged, errors]: the prepared backend's pictures [count, 3, H, W] in [0, 1], guided with
-        cutouts seeded ``attempt_seed``, their CLIP scores [count], the scores they are judged by [count] (of their
-        purified copies with ``purify``, else their own) and their denoise errors [count] (NaN without a judge)."""
+    def draw(attempt_seed: int, prepared: tuple, on_step: Callable) -> tuple[torch.Tensor, ...]:
+        """The prepared backend's pictures [count, 3, H, W] in [0, 1], guided with cutouts seeded ``attempt_seed``,
+        their CLIP scores [count], the scores they are judged by [count] (of their purified copies with ``purify``,
+        else their own) and their denoise errors [count] (NaN without a judge)."""
         backend_impl, generator = prepared
         guidance.reseed(attempt_seed)
         with deterministic(perceptor.device):
             pictures = backend_impl.sample(guidance, steps, generator, on_step).detach().clamp(0, 1)
-            nan = torch.full((len(pictures),), math.nan, device=pictures.device)
-            errors = denoise_error(pictures, denoise_judge) if denoise_judge is not None else nan
+            errors = (denoise_error(pictures, denoise_judge) if denoise_judge is not None
+                      else torch.full((len(pictures),), math.nan, device=pictures.device))
             copies = purified(pictures, denoise_judge, level=purify) if purify is not None else None
         scores = guidance.clip_score(pictures)
         judged = scores if copies is None else guidance.clip_score(copies.flatten(0, 1)).view(len(pictures), -1).mean(1)
-        return [pictures, scores, judged, errors]
+        return pictures, scores, judged, errors
 
     def merit(judged: torch.Tensor, error: torch.Tensor) -> tuple[int, float]:
         """(tests passed, judged CLIP score): a picture passing every test is accepted; higher is kept."""
@@ -343,27 +343,26 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels",
         return on_step
 
     try:
-        kept = draw(seed, first, reporter(lambda x: x))     # pictures, scores, judged, errors
-        images = kept[0]
+        images, scores, judged, errors = draw(seed, first, reporter(lambda x: x))
         attempts = [1] * batch
         for i in range(batch):
             for k in range(1, retries + 1):
-                if merit(kept[2][i], kept[3][i])[0] == tests:
+                if merit(judged[i], errors[i])[0] == tests:
                     break
                 bar.total += steps
                 bar.refresh()
                 view = lambda x, i=i: torch.cat([images[:i], x, images[i + 1:]])  # noqa: E731
                 attempt_seed = retry_seed(seed, i, k)
-                drawn = draw(attempt_seed, prepare(attempt_seed, 1, retry_options), reporter(view))
+                picture, score, judge, error = draw(attempt_seed, prepare(attempt_seed, 1, retry_options),
+                                                    reporter(view))
                 attempts[i] += 1
-                if merit(drawn[2][0], drawn[3][0]) > merit(kept[2][i], kept[3][i]):
-                    for column, value in zip(kept, drawn):
-                        column[i] = value[0]
+                if merit(judge[0], error[0]) > merit(judged[i], errors[i]):
+                    # judged is scores itself without purify: both writes then store the same value
+                    images[i], scores[i], judged[i], errors[i] = picture[0], score[0], judge[0], error[0]
     finally:
         bar.close()
     if writer is not None:
         writer.finish()
-    _, scores, judged, errors = kept
     return GuideResult(image=to_pil(images[:1])[0], images=to_pil(images), tensor=images.cpu(), losses=history,
                        clip_score=scores.tolist(), steps=len(history), seconds=time.perf_counter() - start,
                        attempts=attempts, denoise_error=errors.tolist() if max_error is not None else None,
