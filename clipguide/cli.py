@@ -42,7 +42,7 @@ def cmd_generate(args) -> None:
 
     out = Path(args.out)
     names = ("lr", "colors", "palette", "scale", "scheduler", "recurrence", "candidates", "finalists", "screen",
-             "polish", "model", "start")
+             "polish", "model", "start", "blend")
     backend_options = {k: v for k in names if (v := getattr(args, k)) is not None}
     result = guide(args.prompt, backend=args.backend, clip=args.clip, steps=args.steps,
                    size=args.size, seed=args.seed, batch=args.batch, negative=args.negative,
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", help="vqgan backend without --init-image: codes (a random code at every latent "
                                    "position), flat (a field of one colour) or blob (a field with a blob of another "
                                    "colour)")
+    p.add_argument("--blend", action=argparse.BooleanOptionalAction, default=None,
+                   help="vqgan with --start blob: keep every picture on the blend of the start's two colours")
     p.add_argument("--scale", type=_positive_float, help="CLIP guidance scale of the diffusion backend")
     p.add_argument("--scheduler", help="diffusion sampler (ddpm, ddim, euler, euler_a, dpm, heun, unipc)")
     p.add_argument("--recurrence", type=positive_int,

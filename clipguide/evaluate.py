@@ -63,17 +63,18 @@ def true_picture(case: Case, size: int = 64) -> torch.Tensor:
     return torch.from_numpy(shapes.render(scene, size)).permute(2, 0, 1)[None].float() / 255
 
 
-def evaluate(case_list: Sequence[Case], *, progress: bool = True, from_truth: bool = False,
+def evaluate(case_list: Sequence[Case], *, progress: bool = True, from_truth: bool = False, seed: int = 0,
              **guide_options) -> dict:
-    """Guide every case with ``guide(case.prompt, seed=i, **guide_options)`` and read the picture with the oracle;
-    ``from_truth`` starts every run from the case's :func:`true_picture` (``init_image``).
+    """Guide case i with ``guide(case.prompt, seed=seed + i, **guide_options)`` and read the picture with the
+    oracle; ``from_truth`` starts every run from the case's :func:`true_picture` (``init_image``). Another ``seed``
+    repeats the evaluation on other draws.
 
     Returns {"n", "color", "background", "shape", "all" (fractions right), "seconds" (mean per image), "rows"}.
     """
     rows = []
     for i, case in enumerate(tqdm(case_list, desc="evaluate", disable=not progress)):
         start = {"init_image": true_picture(case)} if from_truth else {}
-        result = guide(case.prompt, seed=i, **guide_options, **start)
+        result = guide(case.prompt, seed=seed + i, **guide_options, **start)
         reading = shapes.read(result.tensor[0])
         rows.append({"prompt": case.prompt, "reading": reading, "seconds": result.seconds,
                      "clip_score": result.clip_score[0], "attempts": result.attempts[0],
@@ -103,7 +104,7 @@ def _run(args: argparse.Namespace) -> None:
     options.update(args.guidance_options)
     start = time.perf_counter()
     report = evaluate(cases(args.held_out, args.backgrounds), backend=args.backend, clip=args.clip,
-                      from_truth=args.from_truth, **options)
+                      from_truth=args.from_truth, seed=args.seed, **options)
     lines = [f"{'ok ' if all(r['right'].values()) else '   '}{r['prompt']:45s} -> {r['reading']['color']} "
              f"{r['reading']['shape']} on {r['reading']['background']}" for r in report["rows"]]
     lines.append(f"{report['n']} images: colour {report['color']:.0%}, background {report['background']:.0%}, "
@@ -128,6 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              '\'{"regularisers": {"border": 5}, "retries": 2}\' (backend settings go in '
                              '--backend-options)')
     parser.add_argument("--from-truth", action="store_true", help="start every run from the true picture")
+    parser.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0,
+                        help="the first prompt's seed (prompt i uses seed + i): another one repeats on other draws")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(fn=_run)
     return run(parser, argv)

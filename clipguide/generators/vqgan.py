@@ -8,7 +8,9 @@ Without an init image the latents start as a random code at every position ("cod
 picture: one colour field ("flat") or a field of one colour with a blob of another ("blob"). With a ``palette`` the
 colours of those pictures are not drawn at random but chosen among the palette's by the guidance's CLIP score for
 the prompts, just before the first step: a small CLIP paints a shape far more readily by reshaping and recolouring a
-blob than by raising one from a flat field, whose codes sit deep inside their cells.
+blob than by raising one from a flat field, whose codes sit deep inside their cells. With ``blend`` every picture is
+moved onto the blend of its blob start's two colours (:func:`onto_blend`), so that a decoder's ringing at edges or a
+drift of colour cannot leave its pixels off the two colours that a two-colour picture is made of.
 """
 from __future__ import annotations
 
@@ -41,9 +43,23 @@ def blob_masks(batch: int, height: int, width: int, generator: torch.Generator) 
     return (field > level).float()
 
 
+def onto_blend(images: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Every pixel moved to its nearest point on the segment between its picture's two colours.
+
+    ``images [B, 3, H, W]`` and ``pairs [B, 2, 3]`` (a first and a second colour per picture, distinct) in [0, 1] ->
+    ``[B, 3, H, W]`` in [0, 1]: ``first + t (second - first)``, t the pixel's least-squares position along the
+    segment clamped to [0, 1] (:func:`~clipguide.generators.base.clamp_with_grad`: the gradient still flows where it
+    leads back onto the segment). A picture already made of blends of the two colours is left as it is.
+    """
+    first, axis = pairs[:, 0, :, None, None], (pairs[:, 1] - pairs[:, 0])[:, :, None, None]
+    t = ((images - first) * axis).sum(dim=1, keepdim=True) / axis.pow(2).sum(dim=1, keepdim=True)
+    return first + clamp_with_grad(t) * axis
+
+
 def start_pictures(start: str, palette: Optional[torch.Tensor], batch: int, height: int, width: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Candidate start pictures [batch, K, 3, height, width] in [0, 1] for a "flat" or "blob" start.
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate start pictures [batch, K, 3, height, width] in [0, 1] for a "flat" or "blob" start, and their
+    colours [batch, K, layers, 3] (layers: 1 for flat, 2 for blob: background, blob).
 
     Without a palette K = 1, with colours uniform in RGB from ``generator``: one per flat picture, a background's then
     a blob's for a blob picture. With a palette [M, 3] the candidates are every palette colour (flat, K = M) or every
@@ -61,11 +77,11 @@ def start_pictures(start: str, palette: Optional[torch.Tensor], batch: int, heig
         distinct = first != second
         pairs = torch.stack([palette[first[distinct]], palette[second[distinct]]], dim=1)   # [M (M - 1), 2, 3]
         colours = pairs[None].expand(batch, -1, -1, -1)
-    colours = colours[..., None, None]                                                     # [B, K, layers, 3, 1, 1]
+    fields = colours[..., None, None]                                                      # [B, K, layers, 3, 1, 1]
     if start == "flat":
-        return colours[:, :, 0].expand(-1, -1, -1, height, width)
+        return fields[:, :, 0].expand(-1, -1, -1, height, width), colours
     mask = blob_masks(batch, height, width, generator)[:, None]                            # [B, 1, 1, H, W]
-    return colours[:, :, 0] * (1 - mask) + colours[:, :, 1] * mask
+    return fields[:, :, 0] * (1 - mask) + fields[:, :, 1] * mask, colours
 
 
 @GENERATORS.register("vqgan")
@@ -87,13 +103,17 @@ class VQGANGenerator(OptimisedGenerator):
             "#rrggbb,..."): each image starts from the colour (flat) or ordered pair of colours (blob) whose picture
             the guidance's CLIP scores highest against the positive prompts (:meth:`choose_start`). None: colours
             uniform in RGB from ``generator``. A codes start or an init image uses no palette.
+        blend: with a blob start, every picture is its decoded picture moved onto the blend of the start's two
+            colours (:func:`onto_blend`; with a palette, the pair :meth:`choose_start` chose): one shape colour on
+            one background whatever the decoder does at edges. Off by default, since it rules out any third colour;
+            like ``palette``, other starts and an init image ignore it.
         model: the VQGAN to steer: a name or path for :func:`clipguide.vqgan_model.load_vqgan`, or a VQGAN (frozen).
         lr: Adam learning rate on the latents.
     """
 
     def __init__(self, batch: int, height: int, width: int, *, generator: torch.Generator,
                  init: Optional[torch.Tensor] = None, model: Union[str, "VQGAN"] = "shapes", lr: float = 0.1,
-                 start: str = "codes", palette: Optional[PaletteLike] = None):
+                 start: str = "codes", palette: Optional[PaletteLike] = None, blend: bool = False):
         from ..vqgan_model import VQGAN, load_vqgan  # taming is imported only when this backend is used
 
         super().__init__()
@@ -110,56 +130,70 @@ class VQGANGenerator(OptimisedGenerator):
             raise ClipguideError(f"vqgan output size must be a multiple of {f} (its downsampling factor), "
                                  f"got {width}x{height}")
         codes = self.vqgan.codebook.detach()
-        # [B or 1, K, D, h, w]: start latents for choose_start to rank, per image or (1) the same for every image
+        # [B or 1, K, D, h, w]: start latents for choose_start to rank, per image or (1) the same for every image,
+        # and their colours [B or 1, K, layers, 3]
         self.candidates: Optional[torch.Tensor] = None
+        self.candidate_colours: Optional[torch.Tensor] = None
+        pair = None
         if init is None and start == "codes":
             index = torch.randint(len(codes), (batch, height // f, width // f), generator=generator, device=device)
             z = codes[index].permute(0, 3, 1, 2)
         elif init is None:
-            pictures = start_pictures(start, None if colours is None else colours.to(device), batch, height, width,
-                                      generator)
+            pictures, start_colours = start_pictures(start, None if colours is None else colours.to(device), batch,
+                                                     height, width, generator)
             if colours is not None and start == "flat":
                 pictures = pictures[:1]    # every image's candidates are the palette's fields: encode them once
             with torch.no_grad():
                 latents = torch.cat([self.vqgan.encode(p * 2 - 1) for p in pictures.flatten(0, 1).split(CHUNK)])
             latents = latents.view(*pictures.shape[:2], *latents.shape[1:])
             z = latents[:, 0].expand(batch, -1, -1, -1)
+            if blend:
+                pair = start_colours[:, 0].contiguous()
             if latents.shape[1] > 1:
-                self.candidates = latents
+                self.candidates, self.candidate_colours = latents, start_colours[:len(latents)]
         else:
             with torch.no_grad():
                 z = self.vqgan.encode(init.to(device).float() * 2 - 1).expand(batch, -1, -1, -1)
         self.z = nn.Parameter(z.contiguous())
         self.register_buffer("z_min", codes.min(dim=0).values.view(1, -1, 1, 1))
         self.register_buffer("z_max", codes.max(dim=0).values.view(1, -1, 1, 1))
+        self.register_buffer("pair", pair)   # [B, 2, 3] with blend: the colours every picture is a blend of
         self.lr = lr
 
     def shared_options(self) -> dict:
         """The loaded (frozen) VQGAN, for another instance to steer."""
         return {"model": self.vqgan}
 
-    def _pictures(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents [N, D, h, w] -> images [N, 3, H, W] in [0, 1], differentiable (straight-through quantisation)."""
+    def _pictures(self, z: torch.Tensor, pairs: Optional[torch.Tensor]) -> torch.Tensor:
+        """Latents [N, D, h, w] -> images [N, 3, H, W] in [0, 1], differentiable (straight-through quantisation),
+        moved onto the blends of ``pairs`` [N, 2, 3] unless that is None."""
         z_q = self.vqgan.quantize_st(z)[0]
         # the decoder runs under bf16 autocast on CUDA (code lookup stays fp32: argmin over near-equal distances)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=z.device.type == "cuda"):
             x = self.vqgan.decode(z_q)
-        return clamp_with_grad((x.float() + 1) / 2)
+        x = clamp_with_grad((x.float() + 1) / 2)
+        return x if pairs is None else onto_blend(x, pairs)
 
     def decode(self) -> torch.Tensor:
-        return self._pictures(self.z)
+        return self._pictures(self.z, self.pair)
 
     def choose_start(self, guidance: "CLIPGuidance") -> None:
-        """With a palette start, start each image from its candidate whose decoded picture
-        ``guidance.clip_score`` rates highest (the first on a tie, or when no prompt is positive); once."""
+        """With a palette start, start each image from its candidate whose picture (with ``blend``, moved onto the
+        candidate's own colours) ``guidance.clip_score`` rates highest (the first on a tie, or when no prompt is
+        positive); once."""
         if self.candidates is None:
             return
-        best = []
-        for latents in self.candidates:
-            scores = guidance.clip_score(torch.cat([self._pictures(z) for z in latents.split(CHUNK)]))
-            best.append(latents[int(scores.argmax())])
+        best, best_colours = [], []
+        for latents, colours in zip(self.candidates, self.candidate_colours):
+            pictures = [self._pictures(z, None if self.pair is None else c)
+                        for z, c in zip(latents.split(CHUNK), colours.split(CHUNK))]
+            k = int(guidance.clip_score(torch.cat(pictures)).argmax())
+            best.append(latents[k])
+            best_colours.append(colours[k])
         self.z.copy_(torch.stack(best).expand_as(self.z))
-        self.candidates = None
+        if self.pair is not None:
+            self.pair.copy_(torch.stack(best_colours))
+        self.candidates = self.candidate_colours = None
 
     def constrain(self) -> None:
         self.z.clamp_(self.z_min, self.z_max)

@@ -54,19 +54,23 @@ def test_evaluate_judges_with_the_oracle(monkeypatch):
 
 
 def test_main_forwards_backend_and_guidance_options(monkeypatch, capsys):
-    seen = []
+    seen, seeds = [], []
 
     def guide(prompt, seed, **kw):
         seen.append(kw)
+        seeds.append(seed)
         return _fake_guide(draw_right=True)(prompt, seed)
 
     monkeypatch.setattr(ev, "guide", guide)
-    monkeypatch.setattr(ev, "cases", lambda held_out=False, backgrounds=2: [ev.Case("red", "circle", "blue")])
+    monkeypatch.setattr(ev, "cases", lambda held_out=False, backgrounds=2: [ev.Case("red", "circle", "blue")] * 2)
     assert ev.main(["--backend-options", '{"colors": 2}', "--guidance-options", '{"regularisers": {"border": 5}}',
                     "--steps", "7", "--json"]) == 0
     assert seen == [{"backend": "pixels", "clip": "shapes", "steps": 7, "backend_options": {"colors": 2},
-                     "regularisers": {"border": 5}}]
+                     "regularisers": {"border": 5}}] * 2
+    assert seeds == [0, 1]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["all"] == 1.0
+    assert ev.main(["--seed", "100", "--json"]) == 0                      # other draws: prompt i gets seed 100 + i
+    assert seeds[2:] == [100, 101]
 
 
 def test_from_truth_starts_each_run_on_the_true_picture(monkeypatch):
@@ -99,7 +103,8 @@ def test_main_bad_input_exits_2_with_one_line(capsys):
                          (["--backend-options", "{colors: 2}"], "not JSON"),
                          (["--guidance-options", "[1]"], "expected a JSON object"),
                          (["--backgrounds", "8"], "backgrounds must be 1-7"),
-                         (["--steps", "0"], "expected a positive integer")):
+                         (["--steps", "0"], "expected a positive integer"),
+                         (["--seed", "-1"], "expected a non-negative integer")):
         try:
             code = ev.main([*argv, "--steps", "1"] if "--steps" not in argv else argv)
         except SystemExit as e:   # argparse's own errors

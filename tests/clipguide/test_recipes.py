@@ -28,7 +28,7 @@ def test_the_shipped_clip_paints_pixels_with_its_recipe():
 
 def test_the_shipped_clip_steers_the_shipped_vqgan_with_its_recipe():
     recipe = recipe_for("shapes", "vqgan")
-    options = {"start": "blob", "palette": "shapes"}
+    options = {"start": "blob", "palette": "shapes", "blend": True}
     assert recipe.backend_options == options and recipe.denoise_judge == "shapes" and recipe.purify == 0.2
     auto = guide(PROMPT, backend="vqgan", steps=1, seed=2, retries=1)
     explicit = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None, backend_options=options,

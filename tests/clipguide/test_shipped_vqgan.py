@@ -9,12 +9,13 @@ small triangles' outlines fail most of what fails now.
 """
 import json
 
+import numpy as np
 import torch
 from PIL import Image
 
 from clipguide import CLIPGuidance, Perceptor
 from clipguide.cli import main
-from clipguide.generators.vqgan import VQGANGenerator, blob_masks
+from clipguide.generators.vqgan import VQGANGenerator, blob_masks, onto_blend
 from clipguide.palettes import parse_palette
 from clipguide.train_vqgan import reconstruction_agreement
 from clipguide.training import shapes_batch
@@ -66,3 +67,16 @@ def test_the_shipped_clip_starts_the_shipped_vqgan_from_the_colours_the_prompt_n
         return list(shapes.COLORS)[int(nearest)]
 
     assert colour(first[0][:, ~mask]) == "green" and colour(first[0][:, mask]) == "red"
+
+
+def test_generate_with_blend_draws_only_blends_of_two_shapesworld_colours(capsys, tmp_path):
+    out_path = tmp_path / "vq.png"
+    code = main(["generate", "a yellow square on a white background", "--backend", "vqgan", "--no-recipe",
+                 "--start", "blob", "--palette", "shapes", "--blend", "--steps", "2", "--retries", "0",
+                 "--cutn", "4", "--out", str(out_path), "--json"])
+    assert code == 0, capsys.readouterr().err
+    picture = torch.tensor(np.asarray(Image.open(out_path).convert("RGB")), dtype=torch.float32).permute(2, 0, 1) / 255
+    assert shapes.read(picture)["color"] == "yellow"      # the start's blob may still touch the border
+    yellow, white = (torch.tensor(shapes.COLORS[name], dtype=torch.float32) / 255 for name in ("yellow", "white"))
+    off_blend = onto_blend(picture[None], torch.stack([white, yellow])[None])[0] - picture
+    assert off_blend.abs().max() <= 1 / 255              # the PNG's rounding

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clipguide import ClipguideError, CLIPGuidance, taming_hub
-from clipguide.generators.vqgan import BLOB_SHARE, VQGANGenerator, blob_masks, start_pictures
+from clipguide.generators.vqgan import (BLOB_SHARE, VQGANGenerator, blob_masks, onto_blend,
+                                       start_pictures)
 from clipguide.palettes import parse_palette
 from clipguide.vqgan_model import VQGAN, VQGANConfig, load_vqgan
 from core_clip import CheckpointError
@@ -114,10 +115,11 @@ def test_blob_start_encodes_a_field_with_a_blob_of_two_seeded_colours(tiny_path)
 
 def test_palette_starts_offer_every_colour_and_every_ordered_pair():
     palette = parse_palette("#ff0000,#00ff00,#0000ff")
-    flat = start_pictures("flat", palette, 2, 8, 8, torch.Generator())
+    flat, flat_colours = start_pictures("flat", palette, 2, 8, 8, torch.Generator())
     assert flat.shape == (2, 3, 3, 8, 8)
     torch.testing.assert_close(flat[1, :, :, 4, 4], palette)
-    blob = start_pictures("blob", palette, 2, 8, 8, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(flat_colours[1, :, 0], palette)
+    blob, blob_colours = start_pictures("blob", palette, 2, 8, 8, torch.Generator().manual_seed(1))
     mask = blob_masks(2, 8, 8, torch.Generator().manual_seed(1))           # a palette start draws only the masks
     assert blob.shape == (2, 6, 3, 8, 8)
     inside, outside = mask[1, 0].nonzero()[0], (1 - mask[1, 0]).nonzero()[0]
@@ -125,6 +127,8 @@ def test_palette_starts_offer_every_colour_and_every_ordered_pair():
              for p in blob[1]}
     colours = [tuple(c.tolist()) for c in palette]
     assert pairs == {(a, b) for a in colours for b in colours if a != b}
+    assert [(tuple(a.tolist()), tuple(b.tolist())) for a, b in blob_colours[1]] == [
+        (tuple(p[:, outside[0], outside[1]].tolist()), tuple(p[:, inside[0], inside[1]].tolist())) for p in blob[1]]
 
 
 class _Redness:
@@ -135,25 +139,33 @@ class _Redness:
         return images[:, 0].mean(dim=(1, 2))
 
 
-def test_a_palette_start_begins_from_the_candidate_the_clip_score_ranks_first(tiny_path):
+@pytest.mark.parametrize("blend", [False, True])
+def test_a_palette_start_begins_from_the_candidate_the_clip_score_ranks_first(tiny_path, blend):
+    """With blend, each candidate is ranked as the blend of its own pair, and the chosen pair is kept."""
     vq = load_vqgan(tiny_path)
     palette = parse_palette("#ff0000,#00ff00,#0000ff,#ffffff")
     backend = VQGANGenerator(2, 16, 16, generator=torch.Generator().manual_seed(2), model=str(tiny_path),
-                             start="blob", palette=palette.mul(255).round().int().tolist())
-    pictures = start_pictures("blob", palette, 2, 16, 16, torch.Generator().manual_seed(2))
-    firsts, expected = [], []
+                             start="blob", palette=palette.mul(255).round().int().tolist(), blend=blend)
+    pictures, colours = start_pictures("blob", palette, 2, 16, 16, torch.Generator().manual_seed(2))
+    firsts, expected, expected_pairs = [], [], []
     with torch.no_grad():
         for image in range(2):
             latents = vq.encode(pictures[image] * 2 - 1)
             decoded = ((vq.decode(vq.quantize_st(latents)[0]) + 1) / 2).clamp(0, 1)
-            scores = _Redness.clip_score(decoded)
-            assert scores.argmax() > 0                                # the ranking changes the start
+            scores = _Redness.clip_score(onto_blend(decoded, colours[image]) if blend else decoded)
+            best = int(scores.argmax())
+            assert best > 0                                           # the ranking changes the start
             firsts.append(latents[0])
-            expected.append(latents[int(scores.argmax())])
+            expected.append(latents[best])
+            expected_pairs.append(colours[image, best])
     torch.testing.assert_close(backend.z.detach(), torch.stack(firsts))   # before the guidance is known
     with torch.no_grad():
         backend.choose_start(_Redness())
     torch.testing.assert_close(backend.z.detach(), torch.stack(expected))
+    if blend:
+        torch.testing.assert_close(backend.pair, torch.stack(expected_pairs))
+    else:
+        assert backend.pair is None
 
 
 def test_a_palette_flat_start_encodes_the_palette_once_and_starts_every_image_from_its_best_field(tiny_path):
@@ -172,6 +184,53 @@ def test_a_palette_flat_start_encodes_the_palette_once_and_starts_every_image_fr
     with torch.no_grad():
         backend.choose_start(_Redness())
     torch.testing.assert_close(backend.z.detach(), latents[best].expand(3, -1, -1, -1))
+
+
+def test_onto_blend_moves_each_pixel_to_its_nearest_point_on_the_segment():
+    pairs = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]],                 # red -> blue
+                          [[0.2, 0.2, 0.2], [0.6, 0.6, 0.6]]])                # dark grey -> light grey
+    images = torch.zeros(2, 3, 1, 3)
+    images[0, :, 0, 0] = torch.tensor([0.5, 0.3, 0.5])    # t = 0.5: the green that no blend holds goes
+    images[0, :, 0, 1] = torch.tensor([0.0, 0.5, 1.0])    # t = 1
+    images[0, :, 0, 2] = torch.tensor([1.0, 1.0, 0.0])    # t = 0
+    images[1, :, 0, 0] = torch.tensor([1.0, 1.0, 1.0])    # t = 2, clamped to the light grey
+    images[1, :, 0, 1] = torch.tensor([0.0, 0.0, 0.0])    # t = -0.5, clamped to the dark grey
+    images[1, :, 0, 2] = torch.tensor([0.5, 0.3, 0.4])    # t = (0.3 + 0.1 + 0.2) / 3 / 0.4 = 0.5
+    expected = torch.tensor([[[0.5, 0.0, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]],
+                             [[0.6, 0.6, 0.6], [0.2, 0.2, 0.2], [0.4, 0.4, 0.4]]]).permute(0, 2, 1)[:, :, None]
+    torch.testing.assert_close(onto_blend(images, pairs), expected)
+    t = torch.rand(2, 1, 5, 5)                                                   # pictures made of blends stay
+    blends = pairs[:, 0, :, None, None] + t * (pairs[:, 1] - pairs[:, 0])[:, :, None, None]
+    torch.testing.assert_close(onto_blend(blends, pairs), blends)
+
+
+def test_onto_blend_gradient_matches_finite_differences_and_leads_back_onto_the_segment():
+    pairs = torch.tensor([[[0.9, 0.1, 0.2], [0.1, 0.3, 0.8]]], dtype=torch.double)
+    inside = (pairs[:, 0, :, None, None] + 0.3 * (pairs[:, 1] - pairs[:, 0])[:, :, None, None]
+              + 0.05 * torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.double))
+    assert torch.autograd.gradcheck(lambda x: onto_blend(x, pairs), inside.requires_grad_())
+    axis = (pairs[0, 1] - pairs[0, 0]).view(1, 3, 1, 1)
+    beyond = (pairs[:, 1, :, None, None] + 0.1 * axis).requires_grad_()   # t = 1.1: past the second colour
+    (onto_blend(beyond, pairs) * axis).sum().backward()                   # descending moves t down: allowed
+    assert beyond.grad.abs().sum() > 0
+    beyond.grad = None
+    (-onto_blend(beyond, pairs) * axis).sum().backward()                  # descending would push t past 1: blocked
+    assert beyond.grad.abs().sum() == 0
+
+
+def test_blend_keeps_every_picture_on_the_blob_starts_two_colours(tiny_path):
+    vq = load_vqgan(tiny_path)
+    plain = VQGANGenerator(2, 16, 16, generator=torch.Generator().manual_seed(5), model=str(tiny_path),
+                           start="blob")
+    backend = VQGANGenerator(2, 16, 16, generator=torch.Generator().manual_seed(5), model=str(tiny_path),
+                             start="blob", blend=True)
+    colours = torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(5))   # per image: background, blob
+    torch.testing.assert_close(backend.pair, colours)
+    with torch.no_grad():
+        torch.testing.assert_close(backend.decode(), onto_blend(plain.decode(), colours))
+    assert plain.pair is None
+    codes = VQGANGenerator(1, 16, 16, generator=torch.Generator(), model=vq, start="codes", blend=True)
+    assert codes.pair is None                                 # like palette, only a blob start has colours to keep
 
 
 def test_size_must_be_a_multiple_of_the_factor(tiny_path):
