@@ -147,7 +147,7 @@ class VQGANGenerator(OptimisedGenerator):
                 latents = torch.cat([self.vqgan.encode(p * 2 - 1) for p in pictures.flatten(0, 1).split(CHUNK)])
             latents = latents.view(*pictures.shape[:2], *latents.shape[1:])
             z = latents[:, 0].expand(batch, -1, -1, -1)
-            if blend:
+            if blend and start == "blob":
                 pair = start_colours[:, 0].contiguous()
             if latents.shape[1] > 1:
                 self.candidates, self.candidate_colours = latents, start_colours[:len(latents)]

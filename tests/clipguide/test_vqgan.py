@@ -229,8 +229,13 @@ def test_blend_keeps_every_picture_on_the_blob_starts_two_colours(tiny_path):
     with torch.no_grad():
         torch.testing.assert_close(backend.decode(), onto_blend(plain.decode(), colours))
     assert plain.pair is None
-    codes = VQGANGenerator(1, 16, 16, generator=torch.Generator(), model=vq, start="codes", blend=True)
-    assert codes.pair is None                                 # like palette, only a blob start has colours to keep
+    for start in ("codes", "flat"):                           # like palette, only a blob start has colours to keep
+        other = VQGANGenerator(1, 16, 16, generator=torch.Generator(), model=vq, start=start, palette="shapes",
+                               blend=True)
+        assert other.pair is None
+        with torch.no_grad():
+            other.choose_start(_Redness())
+            assert other.decode().shape == (1, 3, 16, 16)
 
 
 def test_size_must_be_a_multiple_of_the_factor(tiny_path):
