@@ -591,7 +591,8 @@ class Text2Image:
             yield (str(paths[0]), [(e["path"], e["caption"]) for e in history], status, [str(p) for p in paths],
                    settings.seed, history)
         finally:
-            run.stop()        # a no-op after a normal end; on Stop / cancel / an error, the guide loop ends at its next step
+            # a no-op after a normal end; on Stop / cancel / an error, the guide loop ends at its next step
+            run.stop()
             with self._runs_lock:
                 runs = self._runs.get(session, set())
                 runs.discard(run)

@@ -121,7 +121,8 @@ def cmd_embed(args) -> None:
         emb, kept = model.embed_files(args.images)
         items = [str(p) for p in kept]
     EmbeddingIndex(items, emb.cpu(), args.model).save(args.out)
-    emit({"out": args.out, "n": len(items), "dim": emb.shape[1]}, args.json, [f"wrote {len(items)} embeddings to {args.out}"])
+    emit({"out": args.out, "n": len(items), "dim": emb.shape[1]}, args.json,
+         [f"wrote {len(items)} embeddings to {args.out}"])
 
 
 def cmd_index(args) -> None:

@@ -62,7 +62,8 @@ def fetch(repo_id: str, filenames: Sequence[str], what: str) -> Path:
             return Path(hf_hub_download(repo_id, name))
         except Exception as e:  # missing file, gated repo, network drop: try the next candidate
             errors.append(f"{name}: {type(e).__name__}")
-    raise WeightsUnavailableError(f"{what}: could not download any of {list(filenames)} from {repo_id} ({'; '.join(errors)})")
+    raise WeightsUnavailableError(f"{what}: could not download any of {list(filenames)} from {repo_id} "
+                                  f"({'; '.join(errors)})")
 
 
 def fetch_url(url: str, what: str) -> Path:

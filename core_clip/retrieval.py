@@ -94,4 +94,5 @@ class EmbeddingIndex:
     def search(self, query_emb: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
         """For each query embedding [Q, D], the k best (path, cosine) pairs."""
         scores, idx = top_k(query_emb.cpu(), self.embeddings, k)
-        return [[(self.paths[i], s) for i, s in zip(row_i.tolist(), row_s.tolist())] for row_i, row_s in zip(idx, scores)]
+        return [[(self.paths[i], s) for i, s in zip(row_i.tolist(), row_s.tolist())]
+                for row_i, row_s in zip(idx, scores)]

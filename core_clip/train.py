@@ -57,7 +57,8 @@ class TrainConfig:
         "help": "what to start from: a core_clip config or open_clip architecture (random init) or any loadable model"})
     epochs: int = field(default=1, metadata={"help": "passes over the data"})
     batch_size: int = field(default=256, metadata={"help": "samples per micro-batch on each process"})
-    accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step (feature-cache accumulation)"})
+    accum_steps: int = field(default=1,
+                             metadata={"help": "micro-batches per optimiser step (feature-cache accumulation)"})
     samples_per_epoch: int = field(default=100_000, metadata={"help": "epoch length of generated data (shapes)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (not on gains, biases, temperature)"})
@@ -227,7 +228,8 @@ class Trainer:
         micro_batches = batches_per_epoch(len(self.dataset), cfg.batch_size, self.dist.world_size)
         self.steps_per_epoch = micro_batches // cfg.accum_steps
         if self.steps_per_epoch == 0:
-            raise TrainError(f"one optimiser step needs {cfg.accum_steps} micro-batches but an epoch has {micro_batches}")
+            raise TrainError(f"one optimiser step needs {cfg.accum_steps} micro-batches but an epoch has "
+                             f"{micro_batches}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)

@@ -35,7 +35,8 @@ def tiny_unet(prediction_type: str = "epsilon", sample_size: int = 16):
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
                        block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     return unet, DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
 
 

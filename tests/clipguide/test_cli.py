@@ -86,7 +86,8 @@ def test_generate_batch_writes_numbered_files(capsys, tmp_path):
 
 def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     for name in ("a", "b"):
-        assert generate(capsys, "a green square", "--steps", "2", "--cutn", "2", "--out", str(tmp_path / f"{name}.png"))[0] == 0
+        out = str(tmp_path / f"{name}.png")
+        assert generate(capsys, "a green square", "--steps", "2", "--cutn", "2", "--out", out)[0] == 0
     assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
 
 

@@ -35,7 +35,8 @@ def test_compile_decode_twice_wraps_once():
 
 
 def test_compiled_palette_decode_follows_the_annealed_choice_without_recompiling():
-    torch._dynamo.reset()   # other tests compiled Pixels.decode for other modes and sizes: a cache entry per code object
+    # other tests compiled Pixels.decode for other modes and sizes: a cache entry per code object
+    torch._dynamo.reset()
     generator = GENERATORS.get("pixels")(2, 32, 32, generator=torch.Generator().manual_seed(0), colors=2,
                                          palette="shapes", resolution=8)
     generator.compile_decode()

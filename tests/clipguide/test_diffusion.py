@@ -654,9 +654,10 @@ def test_bad_models_and_options_are_named_before_sampling(perceptor, tiny_diffus
         DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), lr=0.1)
     with pytest.raises(ClipguideError, match="unknown scheduler 'plms'"):
         DiffusionGenerator(1, 16, 16, generator=gen(), model=str(tiny_diffusion_path), scheduler="plms")
-    conditional = DiffusionModel(UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                                                      cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), DDIMScheduler())
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    conditional = DiffusionModel(unet, DDIMScheduler())
     with pytest.raises(ClipguideError, match="conditional"):
         DiffusionGenerator(1, 16, 16, generator=gen(), model=conditional)
 

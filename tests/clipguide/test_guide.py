@@ -96,7 +96,8 @@ def test_non_finite_loss_stops_with_the_step(perceptor, monkeypatch):
     (dict(image_prompts=["/no/such.png"]), PromptError, "not found"),
     (dict(init_image="/no/such.png"), ValueError, "not found"),
     (dict(prompt="a:nan"), PromptError, "finite"),
-    (dict(backend_options={"lr": 0.1, "sharpnes": 3}), ClipguideError, "no option 'sharpnes'; its options: choice_sharpness, colors, lr"),
+    (dict(backend_options={"lr": 0.1, "sharpnes": 3}), ClipguideError,
+     "no option 'sharpnes'; its options: choice_sharpness, colors, lr"),
 ])
 def test_bad_input_raises_value_errors(perceptor, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -115,7 +115,8 @@ def test_recall_at_k_counts_same_group_items_as_hits():
     # query 0 is nearest item 0 (same group), query 1 is nearest item 2, whose group equals query 1's
     queries = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0.6, 0.8], [0.8, 0.6, 0, 0]])
     recall = recall_at_k(queries, index, ["a", "b", "c", "d"], ["a", "x", "b", "d"], ks=(1, 2))
-    # q0 -> item0 (a) hit@1; q1 -> item2 (b) hit@1; q2 (c) no c in index: miss; q3 (d): item0, item1 then item3 -> miss@2
+    # q0 -> item0 (a) hit@1; q1 -> item2 (b) hit@1; q2 (c) no c in index: miss;
+    # q3 (d): item0, item1 then item3 -> miss@2
     assert recall == {1: 0.5, 2: 0.5}
 
 
