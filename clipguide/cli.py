@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CLIP with detail the judge removes is redrawn (default: the recipe's, 0.2 for vqgan)")
     p.add_argument("--no-recipe", action="store_true",
                    help="ignore the recipe registered for this CLIP and backend (clipguide.recipes; the shipped "
-                        "shapes CLIP has one for pixels) and use the backend's own defaults")
+                        "shapes CLIP has one for pixels and one for vqgan) and use the backend's own defaults")
     p.add_argument("--model", help="the vqgan or diffusion backend's model: a shipped or public name, or a path")
     p.add_argument("--out", default="clipguide.png", metavar="FILE.png")
     p.add_argument("--frames", metavar="DIR", help="write every step's image here (and frames.mp4)")

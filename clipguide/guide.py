@@ -251,8 +251,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels",
             drawn again. None: the picture's own score.
         recipe: "auto": settings left unset here (None, or absent from ``backend_options`` and
             ``guidance_options``) come from the :class:`~clipguide.recipes.Recipe` registered for this CLIP model and
-            backend, when there is one (the shipped ``shapes`` CLIP has one for ``pixels``); None: the backend's and
-            the guidance's own defaults; or a Recipe to use instead.
+            backend, when there is one (the shipped ``shapes`` CLIP has one for ``pixels`` and one for ``vqgan``);
+            None: the backend's and the guidance's own defaults; or a Recipe to use instead.
         compile: torch.compile the CLIP image towers and the backend's decoder (CUDA graphs on CUDA; see
             :mod:`clipguide.compiling`): tens of seconds up front for faster steps, worth it for long runs.
             Ignored for a ready :class:`Perceptor` passed as ``clip`` (give it ``compile=True`` yourself).

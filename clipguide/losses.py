@@ -157,6 +157,15 @@ def _frame(images: Tensor, loss: str) -> Tensor:
     return frame
 
 
+def segment_position(images: Tensor, start: Tensor, axis: Tensor, eps: float = 1e-12) -> Tensor:
+    """Where each pixel lies along the line ``start + t * axis``: the least-squares t, unclamped.
+
+    ``images [B, C, H, W]``; ``start`` and ``axis`` broadcastable to it (``[B, C, 1, 1]``) -> ``[B, 1, H, W]``;
+    t = 0 at ``start``, 1 at ``start + axis``. ``|axis|^2`` is floored at ``eps``, so a zero axis gives t = 0.
+    """
+    return ((images - start) * axis).sum(1, keepdim=True) / axis.pow(2).sum(1, keepdim=True).clamp(min=eps)
+
+
 @IMAGE_LOSSES.register("two_colour")
 def two_colour(images: Tensor) -> Tensor:
     """Two-colour flatness: the mean over pixels of the squared RGB distance from each pixel to the segment between
@@ -182,7 +191,7 @@ def two_colour(images: Tensor) -> Tensor:
             second = (pixels * nearer_second).sum(1) / nearer_second.sum(1).clamp(min=1)
             first = (pixels * (1 - nearer_second)).sum(1) / (1 - nearer_second).sum(1).clamp(min=1)
     start, axis = first[:, :, None, None], (second - first)[:, :, None, None]
-    along = ((images - start) * axis).sum(1, keepdim=True) / axis.pow(2).sum(1, keepdim=True).clamp(min=1e-12)
+    along = segment_position(images, start, axis)
     return (images - start - along.clamp(0, 1) * axis).pow(2).sum(dim=1).mean(dim=(1, 2))
 
 

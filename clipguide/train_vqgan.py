@@ -50,6 +50,7 @@ from core_clip.errors import check_ranges
 
 from .errors import ClipguideError
 from .generators.base import clamp_with_grad
+from .losses import segment_position
 from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
 from .vqgan_model import VQGAN, VQGANConfig
 
@@ -154,7 +155,7 @@ def _two_colours(target: torch.Tensor, border: int) -> tuple[torch.Tensor, torch
 def _coverage(x: torch.Tensor, bg: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     """Where each pixel of ``x`` [B, 3, H, W] lies along ``bg + alpha * axis`` (0: background, 1: shape colour),
     unclamped, [B, 1, H, W]."""
-    return ((x - bg) * axis).sum(1, keepdim=True) / axis.square().sum(1, keepdim=True).clamp_min(1e-6)
+    return segment_position(x, bg, axis, eps=1e-6)
 
 
 def blend_error(recon: torch.Tensor, target: torch.Tensor, border: int = 2) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipguideError
+from ..losses import segment_position
 from ..palettes import PaletteLike, parse_palette
 from .base import GENERATORS, OptimisedGenerator, check_init, check_size, clamp_with_grad
 
@@ -52,8 +53,7 @@ def onto_blend(images: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     leads back onto the segment). A picture already made of blends of the two colours is left as it is.
     """
     first, axis = pairs[:, 0, :, None, None], (pairs[:, 1] - pairs[:, 0])[:, :, None, None]
-    t = ((images - first) * axis).sum(dim=1, keepdim=True) / axis.pow(2).sum(dim=1, keepdim=True)
-    return first + clamp_with_grad(t) * axis
+    return first + clamp_with_grad(segment_position(images, first, axis)) * axis
 
 
 def start_pictures(start: str, palette: Optional[torch.Tensor], batch: int, height: int, width: int,
