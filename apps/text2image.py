@@ -205,8 +205,8 @@ def _vqgan_backend(model: Union[str, os.PathLike, None], steps: int) -> BackendI
         return BackendInfo("vqgan", False,
                            f"needs a VQGAN at {path} with its .json beside it: the shipped one is "
                            "`clipguide/weights/vqgan-shapes.safetensors` (retrain it with "
-                           "`python -m clipguide.train_vqgan --out runs/vqgan`), or pass a taming VQGAN's path to "
-                           "`build_app(vqgan_model=...)`.")
+                           "`python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes`), or pass a taming "
+                           "VQGAN's path to `build_app(vqgan_model=...)`.")
     name = "shapes" if model is None else path.stem
     return BackendInfo("vqgan", True, options={"model": str(path)}, model=name, default_steps=steps)
 

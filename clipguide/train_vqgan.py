@@ -1,6 +1,6 @@
 """Train the shipped ShapesWorld VQGAN (taming architecture; reconstruction + codebook losses, nothing downloaded).
 
-    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: eight runs in a row
+    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: ten runs in a row
     cp runs/vqgan/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
     cp runs/vqgan/vqgan.json clipguide/weights/vqgan-shapes.json
 
@@ -20,10 +20,14 @@ is far from; then 600 with ``--outline 4``, the error of the shape's sharpened c
 contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
 then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels
 (:func:`shape_blend_error`: the share the oracle tests, which a small shape's edge fails unseen by the whole-picture
-mean); and last twice 600 at a lower learning rate with ``--frame 2`` as well, the error of the picture's outer 3-pixel
-frame (:func:`frame_error`), which the decoder's zero padding leaves off around large shapes. The blend, outline,
-shape-blend and frame terms read the background off the picture's frame, so they apply only to the whole-picture
-steps of a run that also trains on crops. ``--init PATH`` starts a run from a saved VQGAN of the same architecture.
+mean); then twice 600 at a lower learning rate with ``--frame 2`` as well, the error of the picture's outer 3-pixel
+frame (:func:`frame_error`), which the decoder's zero padding leaves off around large shapes; and last the same twice
+more with the codebook grown to 8,192 and then 32,768 codes: the decoder can draw a small triangle's corners
+(continuous latents fitted to 40 misread pictures read back right in 39), but 1,024 codes could not say where they
+are. The blend, outline, shape-blend and frame terms read the background off the picture's frame, so they apply only to
+the whole-picture steps of a run that also trains on crops. ``--init PATH`` starts a run from a saved VQGAN of the
+same architecture, or with fewer codes: its codebook fills the first rows, and the first restart moves the new codes
+onto batch latents.
 
 ``--recipe NAME`` runs a named chain of runs (:data:`RECIPES`) into ``--out``/stage1, stage2, ..., each started from
 the weights of the one before, and writes the last one's weights to ``--out``; settings that no stage sets (say
@@ -118,6 +122,8 @@ RECIPES: dict[str, tuple[dict, ...]] = {
         dict(_SHAPE, seed=5),                                        # the same again
         dict(_SHAPE, lr=3e-4, frame=2.0, seed=8),                    # + frame
         dict(_SHAPE, lr=3e-4, frame=2.0, seed=9),                    # the same again
+        dict(_SHAPE, lr=3e-4, frame=2.0, codes=8192, seed=10),       # 8x the codes
+        dict(_SHAPE, lr=3e-4, frame=2.0, codes=32768, seed=11),      # 4x again
     ),
 }
 
@@ -244,6 +250,23 @@ def _restart_dead_codes(model: VQGAN, z: torch.Tensor, usage: torch.Tensor, dead
         usage[dead] = 1.0
 
 
+_CODEBOOK = "quantize.embedding.weight"
+
+
+@torch.no_grad()
+def _load_init(model: VQGAN, path: str, usage: torch.Tensor, generator: torch.Generator) -> None:
+    """Load the weights at ``path`` into ``model``. A smaller codebook (same code width) fills the first rows of
+    ``model``'s; each new row starts as a copy of a random old code (so whichever of the two a latent snaps to, it
+    decodes the same) marked unused (``usage`` 0), so the first dead-code restart moves it onto a batch latent."""
+    state = dict(read_state_dict(path))
+    old, new = state.get(_CODEBOOK), model.codebook
+    if old is not None and old.ndim == 2 and old.shape[1] == new.shape[1] and len(old) < len(new):
+        state[_CODEBOOK] = torch.cat([old, old[torch.randint(0, len(old), (len(new) - len(old),),
+                                                             generator=generator)]])
+        usage[len(old):] = 0
+    load_strict(model, state, path)
+
+
 def train_recipe(cfg: VQGANTrainConfig) -> VQGAN:
     """Run the stages of ``cfg.recipe`` into ``cfg.out``/stage1, stage2, ..., each from the one before's weights
     (the first from ``cfg.init``, when given); write the last stage's model to ``cfg.out`` and return it."""
@@ -286,7 +309,7 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         optimizer.load_state_dict(state["optimizer"])
         usage, start = state["usage"], state["step"]
     elif cfg.init:  # a resumed run has its own weights
-        load_strict(model, read_state_dict(cfg.init), cfg.init)
+        _load_init(model, cfg.init, usage, torch.Generator().manual_seed(cfg.seed))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vqgan")
     for step in bar:
         set_warmup_cosine_lr(optimizer, step, cfg.steps, cfg.warmup, cfg.lr)

@@ -96,7 +96,8 @@ class VQGAN(nn.Module):
         codebook loss: ||sg(z_q) - z||^2 * 0.25 + ||z_q - sg(z)||^2, code indices int64 [B * h * w])."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         codes = self.codebook
-        index = torch.cdist(flat, codes).argmin(dim=1)
+        with torch.no_grad():  # the nearest-code search has no gradient; no graph for the [N, n_embed] distances
+            index = torch.cdist(flat, codes).argmin(dim=1)
         z_q = codes[index].view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         loss = 0.25 * F.mse_loss(z, z_q.detach()) + F.mse_loss(z_q, z.detach())
         return z + (z_q - z).detach(), loss, index

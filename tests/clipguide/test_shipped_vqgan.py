@@ -36,12 +36,12 @@ def test_shipped_vqgan_reconstructs_fresh_pictures_closely():
     with torch.no_grad():
         recon, _ = model(x)
     error = (recon.clamp(-1, 1) - x).abs() * 127.5      # in 0..255 levels
-    assert error.mean() < 2.7
-    assert error.median() < 1.45
+    assert error.mean() < 2.1
+    assert error.median() < 1.0
 
 
 def test_oracle_reads_shipped_reconstructions_as_the_originals():
-    assert reconstruction_agreement(load_vqgan("shapes"), n=100, seed=1) >= 0.9
+    assert reconstruction_agreement(load_vqgan("shapes"), n=100, seed=1) >= 0.95
 
 
 def test_generate_with_the_vqgan_backend_works_offline(capsys, tmp_path):

@@ -144,12 +144,34 @@ def test_init_starts_from_a_saved_model_of_the_same_architecture(tmp_path, capsy
     train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "b"), init=str(saved), **dict(config, lr=0.0)))
     a, b = read_state_dict(saved), read_state_dict(tmp_path / "b" / "vqgan.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)     # lr 0: the run kept its starting weights
-    with pytest.raises(CheckpointError, match="quantize.embedding.weight"):
-        train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "c"), init=str(saved), **dict(config, codes=32)))
+    with pytest.raises(CheckpointError, match="quantize.embedding.weight"):   # fewer codes than the init's
+        train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "c"), init=str(saved), **dict(config, codes=8)))
     capsys.readouterr()
     assert train_vqgan.main(["--out", str(tmp_path / "d"), "--init", str(tmp_path / "none.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "checkpoint not found" in err
+
+
+def test_init_with_a_smaller_codebook_grows_it(tmp_path):
+    config = dict(steps=1, batch_size=2, warmup=1, eval_images=0, codes=16, restart_every=100)
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "a"), **config))
+    saved = tmp_path / "a" / "vqgan.safetensors"
+    before = read_state_dict(saved)
+    old = before["quantize.embedding.weight"]
+    grown = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=40, embed_dim=32))
+    usage = torch.ones(40)
+    train_vqgan._load_init(grown, str(saved), usage, torch.Generator().manual_seed(0))
+    assert torch.equal(grown.codebook[:16], old)
+    assert all((old == code).all(dim=1).any() for code in grown.codebook[16:])   # each new code copies an old one
+    assert usage[:16].eq(1).all() and usage[16:].eq(0).all()
+    after = grown.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "quantize.embedding.weight")
+    # in a run, the first restart moves every new code onto a latent of its batch and leaves the old codes be
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "b"), init=str(saved),
+                                       **dict(config, codes=40, steps=2, restart_every=1, lr=0.0)))
+    codebook = read_state_dict(tmp_path / "b" / "vqgan.safetensors")["quantize.embedding.weight"]
+    assert torch.equal(codebook[:16], old)
+    assert not any((old == code).all(dim=1).any() for code in codebook[16:])
 
 
 @pytest.mark.parametrize("factor", train_vqgan.FACTORS)
