@@ -5,7 +5,8 @@ import torch
 from clipguide import train_vqgan
 from clipguide.errors import ClipguideError
 from clipguide.train_vqgan import (VQGANTrainConfig, _restart_dead_codes, blend_error, frame_error,
-                                    outline_error, shape_blend_error, shapes_ddconfig, texture_error)
+                                    outline_error, shape_blend_error, shape_outline_error, shapes_ddconfig,
+                                    texture_error)
 from clipguide.vqgan_model import VQGAN, VQGANConfig
 from core_clip import CheckpointError
 from core_clip.checkpoint import read_state_dict
@@ -28,7 +29,8 @@ def test_dead_codes_move_onto_batch_latents_and_live_codes_stay():
 def test_a_crashed_run_resumes_exactly(crash_and_resume):
     straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 4, steps=6, batch_size=2, save_every=3,
                                          restart_every=2, warmup=1, eval_images=0, full_steps=2, codes=16,
-                                         texture=1.0, blend=1.0, outline=1.0, shape_blend=1.0)
+                                         texture=1.0, blend=1.0, outline=1.0, shape_blend=1.0,
+                                         shape_outline=1.0)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["quantize.embedding.weight"].shape == (16, 32)
@@ -119,6 +121,21 @@ def test_outline_error_compares_sharpened_coverage_in_units_of_the_pictures_cont
     deep.requires_grad_(True)
     outline_error(deep, target).backward()
     assert deep.grad[0, 0, 3, 3] < 0 and deep.grad[0, 0, 0, 1] == 0
+
+
+def test_shape_outline_error_averages_the_outline_error_over_each_shape_and_its_rim():
+    bg, fg = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.6, 0.5, 0.5])
+    target = bg.view(1, 3, 1, 1).repeat(2, 1, 8, 8)
+    target[0, :, 3:5, 3:5] = fg.view(3, 1, 1)               # picture 0: a 2x2 shape, a 4x4 region with its rim
+    target[1, :, 1:7, 1:7] = fg.view(3, 1, 1)               # picture 1: a 6x6 shape, the whole 8x8 picture
+    assert shape_outline_error(target, target) == 0
+    recon = target.clone()
+    recon[0, 0, 2, 2] = 0.545         # on picture 0's rim: coverage 0.45 -> sharpened 0.4 where the target has 0
+    recon[1, 0, 0, 0] = 0.545         # the same on picture 1's rim
+    recon[0, 0, 7, 7] = 0.545         # outside picture 0's region: not counted
+    torch.testing.assert_close(shape_outline_error(recon, target), torch.tensor((0.4 / 16 + 0.4 / 64) / 2))
+    # the whole-picture mean counts both errors of picture 0, each at 1/64
+    torch.testing.assert_close(outline_error(recon[:1], target[:1]), torch.tensor(2 * 0.4 / 64))
 
 
 def test_frame_error_is_the_mean_error_of_the_outer_frame_only():
