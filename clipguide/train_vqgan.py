@@ -27,9 +27,9 @@ latents fitted to 40 misread pictures read back right in 39), but 1,024 codes co
 twice with ``--shape-outline 0.5`` as well, the outline error averaged over each shape's own pixels
 (:func:`shape_outline_error`), where the smallest triangles, most of what still failed, weigh as much as large shapes.
 The blend, outline, shape-blend, shape-outline and frame terms read the background off the picture's frame, so they
-apply only to the whole-picture steps of a run that also trains on crops. ``--init PATH`` starts a run from a saved VQGAN of the
-same architecture, or with fewer codes: its codebook fills the first rows, and the first restart moves the new codes
-onto batch latents.
+apply only to the whole-picture steps of a run that also trains on crops. ``--init PATH`` starts a run from a saved
+VQGAN of the same architecture, or with fewer codes: its codebook fills the first rows, and the first restart moves
+the new codes onto batch latents.
 
 ``--recipe NAME`` runs a named chain of runs (:data:`RECIPES`) into ``--out``/stage1, stage2, ..., each started from
 the weights of the one before, and writes the last one's weights to ``--out``; settings that no stage sets (say
