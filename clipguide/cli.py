@@ -153,16 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion: noisy copies whose x0 estimates are averaged at the end (0: off; default 16)")
     p.add_argument("--retries", type=int_at_least(0, "a non-negative integer"),
                    help="redraw a picture scoring below --accept-score (or failing --denoise-judge) up to N times, "
-                        "keeping the best (default: the recipe's, 4 for pixels on the shapes CLIP; else 2 for guided "
-                        "diffusion, 0 otherwise)")
+                        "keeping the best (default: the recipe's, 6 for pixels and vqgan on the shapes CLIP; else 2 for "
+                        "guided diffusion, 0 otherwise)")
     p.add_argument("--accept-score", type=float_where(lambda x: 0 <= x <= 100, "a CLIP score in [0, 100]"),
                    help="CLIP score a picture must reach (default: the CLIP's calibrated match score)")
     p.add_argument("--denoise-judge", metavar="MODEL",
                    help="a pixel diffusion model (e.g. shapes) that also judges each picture: one it would change "
                         "by more than --accept-error when cleaning it is redrawn too (see --retries)")
     p.add_argument("--accept-error", type=_positive_float,
-                   help="denoise error (RMS, 0-255 levels) a picture may have (default: the judge's calibrated "
-                        "value)")
+                   help="denoise error (RMS, 0-255 levels) a picture may have (default: the recipe's limit for "
+                        "its judge, else the judge's calibrated value)")
     p.add_argument("--purify", type=float_where(lambda x: 0 < x < 1, "a number in (0, 1)"), metavar="LEVEL",
                    help="with --denoise-judge: test the CLIP score of the judge's clean estimates of each picture "
                         "noised to this fraction of its timesteps, not of the picture itself, so one that fools the "

@@ -131,8 +131,10 @@ def _apply_recipe(recipe: Union[str, Recipe, None], clip, backend: str, settings
     settings["backend_options"] = {**recipe.backend_options, **settings["backend_options"]}
     if settings["retries"] is None:
         settings["retries"] = recipe.retries
-    if settings["denoise_judge"] is None and settings["accept_error"] is None:
+    if settings["denoise_judge"] is None:   # a caller's own judge brings its own calibration
         settings["denoise_judge"] = recipe.denoise_judge
+        if settings["accept_error"] is None:
+            settings["accept_error"] = recipe.accept_error
     if settings["purify"] is None and settings["denoise_judge"] is not None:
         settings["purify"] = recipe.purify
     for name, value in recipe.guidance.items():
@@ -242,8 +244,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels",
             that the model would change by more than ``accept_error`` when cleaning it
             (:func:`~clipguide.denoise_judge.denoise_error`) is drawn again too, and among a picture's attempts the
             one passing more tests is kept (the higher CLIP score breaks ties). None: CLIP score alone.
-        accept_error: the denoise error (RMS, 0-255 levels) a picture may have; None: the judge's calibrated value
-            (the error 99% of real pictures of its domain stay under).
+        accept_error: the denoise error (RMS, 0-255 levels) a picture may have; None: the recipe's limit for its
+            own judge, else the judge's calibrated value (the error 99% of real pictures of its domain stay under).
         purify: with a ``denoise_judge``, a noise level in (0, 1) (a fraction of the judge's timesteps): the score
             that ``accept_score`` tests, and that ranks a picture's attempts, is then the mean CLIP score of the
             judge's clean estimates of the picture noised to that level (:func:`~clipguide.denoise_judge.purified`)
@@ -265,8 +267,8 @@ def guide(prompts: PromptsLike, *, backend: str = "pixels",
     settings = dict(steps=steps, backend_options=dict(backend_options or {}), retries=retries,
                     denoise_judge=denoise_judge, accept_error=accept_error, purify=purify)
     _apply_recipe(recipe, clip, backend, settings, guidance_options)
-    steps, options, retries, denoise_judge, purify = (settings[k] for k in ("steps", "backend_options", "retries",
-                                                                             "denoise_judge", "purify"))
+    steps, options, retries, denoise_judge, accept_error, purify = (
+        settings[k] for k in ("steps", "backend_options", "retries", "denoise_judge", "accept_error", "purify"))
     check_options(factory, backend, options)
     width, height = parse_size(size) if size is not None else factory.native_size(**options)
     steps = factory.default_steps if steps is None else steps

@@ -129,7 +129,7 @@ def test_generate_reproduces_with_the_same_seed(capsys, tmp_path):
     (["--regulariser", "tv=nan"], "expected a finite number"),
     (["--regulariser", "nope=1"], "unknown image loss 'nope'"),
     (["--accept-error", "0"], "--accept-error: expected a positive number, got 0"),
-    (["--accept-error", "3"], "accept_error needs a denoise_judge"),
+    (["--accept-error", "3", "--no-recipe"], "accept_error needs a denoise_judge"),
     (["--denoise-judge", "nope"], "diffusion model 'nope' is neither a shipped name"),
     (["--purify", "1"], "--purify: expected a number in (0, 1), got 1"),
     (["--purify", "0.2", "--no-recipe"], "purify needs a denoise_judge"),

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from clipguide import RECIPES, ClipguideError, Recipe, guide
+from clipguide.denoise_judge import calibrated_error
 from clipguide.palettes import parse_palette
 from clipguide.recipes import recipe_for
 
@@ -30,9 +31,11 @@ def test_the_shipped_clip_steers_the_shipped_vqgan_with_its_recipe():
     recipe = recipe_for("shapes", "vqgan")
     options = {"start": "blob", "palette": "shapes", "blend": True}
     assert recipe.backend_options == options and recipe.denoise_judge == "shapes" and recipe.purify == 0.2
+    assert recipe.accept_error < calibrated_error("shapes")     # stricter than the error 99% of real pictures pass
     auto = guide(PROMPT, backend="vqgan", steps=1, seed=2, retries=1)
     explicit = guide(PROMPT, backend="vqgan", steps=1, seed=2, recipe=None, backend_options=options,
-                     retries=1, denoise_judge="shapes", purify=0.2, **recipe.guidance)
+                     retries=1, denoise_judge="shapes", accept_error=recipe.accept_error, purify=0.2,
+                     **recipe.guidance)
     assert torch.equal(auto.tensor, explicit.tensor) and auto.attempts == explicit.attempts
     assert auto.purified_score == explicit.purified_score is not None
     assert set(recipe.guidance["regularisers"]) <= set(auto.losses[0])
@@ -60,3 +63,19 @@ def test_a_given_recipe_replaces_the_registered_one(perceptor):
     assert result.steps == 2 and "tv" in result.losses[0]
     with pytest.raises(ClipguideError, match="recipe must be 'auto', None or a Recipe"):
         guide(PROMPT, clip=perceptor, steps=1, recipe="shapes")
+
+
+def test_a_recipes_accept_error_goes_with_its_judge(perceptor, tiny_diffusion_path):
+    def recipe(limit):
+        return Recipe(steps=2, retries=2, denoise_judge=str(tiny_diffusion_path), accept_error=limit)
+
+    def attempts(**kw):
+        return guide(PROMPT, clip=perceptor, size=32, cutn=2, seed=3, accept_score=0.0, **kw).attempts
+
+    assert attempts(recipe=recipe(1e-3)) == [3] and attempts(recipe=recipe(1e6)) == [1]
+    assert attempts(recipe=recipe(1e-3), accept_error=1e6) == [1]              # the caller's limit, the recipe's judge
+    # a judge of the caller's own brings its own limit (this folder has no calibration)
+    with pytest.raises(ClipguideError, match="has no calibrated denoise error"):
+        attempts(recipe=recipe(1e6), denoise_judge=str(tiny_diffusion_path))
+    with pytest.raises(ClipguideError, match="a recipe's accept_error needs its denoise_judge"):
+        Recipe(accept_error=3.0)
