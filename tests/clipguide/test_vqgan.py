@@ -9,7 +9,7 @@ from clipguide import ClipguideError, CLIPGuidance, taming_hub
 from clipguide.generators.vqgan import (BLOB_SHARE, VQGANGenerator, blob_masks, onto_blend,
                                        start_pictures)
 from clipguide.palettes import parse_palette
-from clipguide.vqgan_model import VQGAN, VQGANConfig, load_vqgan
+from clipguide.vqgan_model import VQGAN, VQGANConfig, load_vqgan, nearest_codes
 from core_clip import CheckpointError
 
 from .conftest import TINY_VQGAN as TINY
@@ -61,6 +61,17 @@ def test_quantisation_snaps_to_codes_and_passes_the_gradient_straight_through(ti
     weights = torch.randn(z_q.shape)
     (z_q * weights).sum().backward()
     assert torch.equal(z.grad, weights)  # d z_q / d z is the identity on the straight-through path
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_nearest_codes_is_the_brute_force_nearest_code_in_chunks(autocast):
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(600, 8, generator=generator, requires_grad=True)      # 600 rows: two full chunks of 256, a part
+    codes = torch.randn(300, 8, generator=generator)
+    expected = (z.detach()[:, None] - codes[None]).square().sum(-1).argmin(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):    # the search stays in fp32
+        assert torch.equal(nearest_codes(z, codes), expected)
+    assert torch.equal(nearest_codes(z[:5], codes, chunk=2), expected[:5])
 
 
 def test_generator_steers_latents_within_the_codebook_range(tiny_path, perceptor):
