@@ -43,8 +43,8 @@ METRICS = "metrics.jsonl"
 STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
-                     "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps", "negative_start",
-                     "negative_own", "twins", "flaws")
+                     "noise", "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps",
+                     "negative_start", "negative_own", "twins", "flaws")
 
 
 @dataclass
@@ -70,6 +70,9 @@ class TrainConfig:
     multi_positive: bool = field(default=True, metadata={
         "help": "a caption true of several images in the batch is a positive for all of them"})
     augment: bool = field(default=True, metadata={"help": "random crops, shifts and pixel noise"})
+    noise: float = field(default=0.02, metadata={
+        "help": "with --augment: max std of the Gaussian pixel noise, in [0, 1] pixel units (each image's std is "
+                "uniform in [0, noise]); large values (0.3-0.5) smooth the image tower's input gradients"})
     adv_eps: float = field(default=0.0, metadata={
         "help": "adversarial training: radius of image perturbations in [0, 1] pixel units, per pixel for linf, "
                 "of the whole image for l2 (0: off)"})
@@ -221,7 +224,7 @@ class Trainer:
         if cfg.compile:
             self.net = torch.compile(self.net)
 
-        augment = Augment() if cfg.augment else None
+        augment = Augment(noise=cfg.noise) if cfg.augment else None
         self.dataset = build_dataset(cfg.data, split="train", image_size=self.model.image_size, seed=cfg.seed,
                                      augment=augment, n=cfg.samples_per_epoch, twins=cfg.twins,
                                      flaws=cfg.flaws)
@@ -265,7 +268,7 @@ class Trainer:
                                    "keep_checkpoints", "adv_steps", "negative_steps"),
                      positive=("lr",),
                      non_negative=("warmup_steps", "eval_every", "max_steps", "workers", "grad_clip", "weight_decay",
-                                   "adv_eps", "adv_start", "negatives", "negative_start"))
+                                   "noise", "adv_eps", "adv_start", "negatives", "negative_start"))
         if cfg.negative_own and not cfg.negatives:
             raise TrainError("--negative-own needs --negatives (it chooses where negative chains start)")
         if cfg.precision not in ("fp32", "bf16", "fp16"):

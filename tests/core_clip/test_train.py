@@ -137,13 +137,26 @@ def test_resume_guards(tmp_path):
         train(_cfg(tmp_path, max_steps=2))
     with pytest.raises(TrainError, match="differ from the saved run: batch_size"):
         train(_cfg(tmp_path, max_steps=4, resume=True, batch_size=8))
+    with pytest.raises(TrainError, match="differ from the saved run: noise"):
+        train(_cfg(tmp_path, max_steps=4, resume=True, noise=0.3))
     with pytest.raises(TrainError, match="--lr must be > 0"):
         train(_cfg(tmp_path, lr=0))
-    for name in ("weight_decay", "grad_clip", "adv_eps"):   # NaN is never in range (it compares False to 0)
+    for name in ("weight_decay", "grad_clip", "noise", "adv_eps"):   # NaN is never in range (it compares False to 0)
         with pytest.raises(TrainError, match=f"--{name.replace('_', '-')} must be >= 0, got nan"):
             train(_cfg(tmp_path, **{name: float("nan")}))
     with pytest.raises(TrainError, match="--adv-norm must be linf or l2, got 'l1'"):
         train(_cfg(tmp_path, adv_eps=1.0, adv_norm="l1"))
+
+
+def test_noise_sets_the_training_pictures_pixel_noise(tmp_path):
+    def roughness(noise: float) -> float:
+        """Mean absolute difference of horizontal neighbours over 8 training pictures (flat but for one edge)."""
+        dataset = Trainer(_cfg(tmp_path / str(noise), noise=noise)).dataset
+        return sum((dataset[i].image.diff(dim=-1).abs().mean() for i in range(8)), 0.0).item() / 8
+
+    quiet, default, loud = roughness(0.0), roughness(0.02), roughness(0.5)
+    assert quiet < 0.02 and default > quiet
+    assert loud > 5 * default
 
 
 def test_resume_of_a_run_saved_before_a_setting_existed_takes_its_default(tmp_path):
