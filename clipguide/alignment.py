@@ -90,13 +90,12 @@ def check_edit(edit: Edit, gradient: Gradient, steps: int = 20, step_size: float
     """Run one edit. ``gradient(images [1, 3, S, S]) -> (loss, d loss / d images)`` is the target prompt's loss
     (e.g. :meth:`CLIPGuidance.gradient`); ``steps`` normalised descent steps of L2 length ``step_size``."""
     x0, x1 = true_picture(edit.source, size), true_picture(edit.target, size)
-    x, cosine = x0, 0.0
-    for step in range(steps + 1):
-        _, grad = gradient(x)
-        if step == 0:
-            cosine = F.cosine_similarity(-grad.flatten(), (x1 - x0).flatten(), dim=0).item()
-        if step == steps:
-            break
+    _, grad = gradient(x0)
+    cosine = F.cosine_similarity(-grad.flatten(), (x1 - x0).flatten(), dim=0).item()
+    x = x0
+    for step in range(steps):
+        if step:
+            _, grad = gradient(x)
         x = (x - step_size * grad / grad.norm().clamp_min(1e-12)).clamp(0, 1)
     progress = 1 - ((x - x1).norm() / (x0 - x1).norm()).item()
     return EditResult(edit, cosine, progress, shapes.read(x[0]), x)

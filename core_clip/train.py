@@ -72,7 +72,7 @@ class TrainConfig:
     augment: bool = field(default=True, metadata={"help": "random crops, shifts and pixel noise"})
     noise: float = field(default=0.02, metadata={
         "help": "with --augment: max std of the Gaussian pixel noise, in [0, 1] pixel units (each image's std is "
-                "uniform in [0, noise]); large values (0.3-0.5) smooth the image tower's input gradients"})
+                "uniform in [0, noise]); large values (0.3-0.5) train the tower to read pictures through heavy noise"})
     adv_eps: float = field(default=0.0, metadata={
         "help": "adversarial training: radius of image perturbations in [0, 1] pixel units, per pixel for linf, "
                 "of the whole image for l2 (0: off)"})
