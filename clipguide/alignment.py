@@ -16,7 +16,8 @@ A CLIP whose gradients guidance can follow has ``-grad`` (of the prompt's guidan
 - ``read``: the share of edited pictures that the ShapesWorld oracle reads as the target.
 
 This checks the CLIP, not a backend, in seconds rather than the minutes of a guided evaluation
-(``python -m clipguide.evaluate``); guidance's cutouts and augmentations are those of ``guide()``'s defaults.
+(``python -m clipguide.evaluate``); guidance's cutouts and augmentations are GuidanceConfig's defaults (the command
+line takes 32 cutouts per gradient, ``--cutn``).
 """
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ from tqdm.auto import tqdm
 from core_clip import shapes
 from core_clip.cli import OneLineParser, emit, float_where, int_at_least, run
 
-from .evaluate import Case, cases, true_picture
+from .evaluate import ATTRIBUTES, Case, cases, true_picture
 from .guidance import CLIPGuidance
 from .perceptor import Perceptor
 
-KINDS = ("color", "background", "shape")
+KINDS = ATTRIBUTES  # an edit changes one of them
 Gradient = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -82,7 +83,7 @@ class EditResult:
     @property
     def read(self) -> bool:
         """Whether the oracle reads the final picture as the target case."""
-        return all(self.reading[k] == getattr(self.edit.target, k) for k in KINDS)
+        return all(self.edit.target.right(self.reading).values())
 
 
 def check_edit(edit: Edit, gradient: Gradient, steps: int = 20, step_size: float = 2.0,
@@ -131,10 +132,10 @@ def _run(args: argparse.Namespace) -> None:
     lines = [f"{r.edit.kind:10s} {r.edit.source.prompt} -> {r.edit.target.prompt}: cos {r.cosine:+.3f}, progress "
              f"{r.progress:+.3f}, read {r.reading['color']} {r.reading['shape']} on {r.reading['background']}"
              for r in report["results"]]
+    summary = {k: report[k] for k in KINDS}
     lines += [f"{kind} edits ({s['n']}): cosine {s['cosine']:+.3f} ({s['aligned']:.0%} > 0), progress after "
               f"{args.steps} steps {s['progress']:+.3f}, oracle reads the target in {s['read']:.0%}"
-              for kind, s in ((k, report[k]) for k in KINDS)]
-    summary = {k: report[k] for k in KINDS}
+              for kind, s in summary.items()]
     summary["edits"] = [{"kind": r.edit.kind, "source": r.edit.source.prompt, "target": r.edit.target.prompt,
                          "cosine": r.cosine, "progress": r.progress, "reading": r.reading}
                         for r in report["results"]]

@@ -31,6 +31,9 @@ from .errors import ClipguideError
 from .guide import guide
 
 
+ATTRIBUTES = ("color", "background", "shape")  # what a prompt names and the oracle must read back
+
+
 @dataclass(frozen=True)
 class Case:
     color: str
@@ -40,6 +43,11 @@ class Case:
     @property
     def prompt(self) -> str:
         return f"{shapes.with_article(self.color)} {self.shape} on {shapes.with_article(self.background)} background"
+
+    def right(self, reading: dict) -> dict[str, bool]:
+        """For each of :data:`ATTRIBUTES`, whether the oracle's ``reading`` (:func:`shapes.read`) says what this case
+        does."""
+        return {k: reading[k] == getattr(self, k) for k in ATTRIBUTES}
 
 
 def cases(held_out: bool = False, backgrounds: int = 2) -> list[Case]:
@@ -80,9 +88,9 @@ def evaluate(case_list: Sequence[Case], *, progress: bool = True, from_truth: bo
                      "clip_score": result.clip_score[0], "attempts": result.attempts[0],
                      "denoise_error": result.denoise_error[0] if result.denoise_error else None,
                      "purified_score": result.purified_score[0] if result.purified_score else None,
-                     "right": {k: reading[k] == getattr(case, k) for k in ("color", "background", "shape")}})
+                     "right": case.right(reading)})
     n = len(rows)
-    summary = {k: sum(r["right"][k] for r in rows) / n for k in ("color", "background", "shape")}
+    summary = {k: sum(r["right"][k] for r in rows) / n for k in ATTRIBUTES}
     summary["all"] = sum(all(r["right"].values()) for r in rows) / n
     return {"n": n, **summary, "seconds": sum(r["seconds"] for r in rows) / n, "rows": rows}
 
