@@ -210,6 +210,11 @@ def test_the_factor_sets_the_latent_grid(factor):
     (["--crop", "128"], "--crop must be a multiple of 4 from 4 to 64, got 128"),
     (["--factor", "3"], "--factor must be one of 2, 4, 8, got 3"),
     (["--factor", "8", "--crop", "12"], "--crop must be a multiple of 8 from 8 to 64, got 12"),
+    (["--steps", "5", "--continuous-steps", "5"],
+     "--continuous-steps must be below --steps (5), got 5: the codebook is fitted when they end"),
+    (["--continuous-steps", "1", "--kmeans-pictures", "3"],
+     "--kmeans-pictures 3 give 768 latents, fewer than the 1024 codes fitted to them"),
+    (["--kmeans-pictures", "0"], "--kmeans-pictures must be > 0, got 0"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert train_vqgan.main(["--out", str(tmp_path / "run"), *argv]) == 2
@@ -276,3 +281,51 @@ def test_picture_terms_apply_to_whole_pictures_only(tmp_path):
     assert not torch.equal(whole["decoder.conv_out.weight"], whole_blended["decoder.conv_out.weight"])
     textured = weights("textured", full_steps=0, texture=5.0)    # texture is local: it counts on crops too
     assert not torch.equal(plain["decoder.conv_out.weight"], textured["decoder.conv_out.weight"])
+
+
+def test_kmeans_finds_the_means_of_separated_clusters():
+    points = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 10.0], [10.0, 12.0], [10.0, 11.0]])
+    for seed in range(5):   # whichever two points it starts from, even both in one cluster
+        centroids = train_vqgan.kmeans(points, 2, 5, torch.Generator().manual_seed(seed))
+        assert sorted(centroids.tolist()) == [[0.0, 1.0], [10.0, 11.0]]
+    # a point's own cluster: k = N gives the points back
+    assert sorted(train_vqgan.kmeans(points, 5, 3, torch.Generator()).tolist()) == sorted(points.tolist())
+
+
+def test_kmeans_moves_an_empty_centroid_onto_a_point():
+    points = torch.tensor([[0.0, 0.0]] * 4 + [[3.0, 4.0]])
+    seed = next(s for s in range(100) if (torch.randperm(5, generator=torch.Generator().manual_seed(s))[:2] < 4).all())
+    # this seed starts both centroids on copies of (0, 0): the tie leaves the second without points, and it moves
+    # onto random points until it lands on (3, 4) (60 draws miss it with probability 0.8^60)
+    centroids = train_vqgan.kmeans(points, 2, 60, torch.Generator().manual_seed(seed))
+    assert sorted(centroids.tolist()) == [[0.0, 0.0], [3.0, 4.0]]
+
+
+def test_continuous_steps_end_with_a_kmeans_codebook_of_fresh_latents(tmp_path, monkeypatch):
+    """The first --continuous-steps decode the encoder's latents as they are (no codebook); then the codebook
+    becomes the k-means centroids of the latents of --kmeans-pictures pictures the run never trains on."""
+    config = dict(batch_size=2, warmup=1, eval_images=0, codes=16, restart_every=100, kmeans_pictures=2, seed=3)
+    seen = []
+    real_quantize = VQGAN.quantize_st
+    monkeypatch.setattr(VQGAN, "quantize_st", lambda self, z: seen.append(len(z)) or real_quantize(self, z))
+    torch.manual_seed(3)
+    start = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32))
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), steps=3, continuous_steps=2, lr=0.0, **config))
+    assert seen == [2]                                  # only the last of the three steps quantised its batch
+    with torch.no_grad():
+        pictures = train_vqgan.shapes_batch(3, 2, 64, 3)   # batch "steps + 0": after the run's last
+        latents = start.encode(pictures).permute(0, 2, 3, 1).reshape(-1, 32)
+    expected = train_vqgan.kmeans(latents, 16, train_vqgan.KMEANS_ITERATIONS, torch.Generator().manual_seed(3))
+    trained = read_state_dict(tmp_path / "run" / "vqgan.safetensors")
+    assert torch.equal(trained["quantize.embedding.weight"], expected)
+    fresh = start.state_dict()
+    assert all(torch.equal(trained[k], fresh[k]) for k in fresh if k != "quantize.embedding.weight")   # lr 0
+
+
+def test_a_run_killed_at_the_codebook_fit_resumes_exactly(crash_and_resume):
+    # batch 2 is the first quantised one: the crash comes after the step-2 checkpoint and before the fit
+    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 2, steps=4, continuous_steps=2,
+                                         kmeans_pictures=1, batch_size=2, save_every=2, restart_every=1, warmup=1,
+                                         eval_images=0, full_steps=4, codes=16, blend=1.0)
+    a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
