@@ -64,7 +64,7 @@ from .errors import ClipguideError
 from .generators.base import clamp_with_grad
 from .losses import segment_position
 from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
-from .vqgan_model import VQGAN, VQGANConfig, nearest_codes
+from .vqgan_model import VQGAN, VQGANConfig, latent_rows, nearest_codes
 
 SIZE = 64             # ShapesWorld pictures are rendered, encoded and judged at 64 px
 FACTORS = (2, 4, 8)
@@ -288,7 +288,7 @@ def _restart_dead_codes(model: VQGAN, z: torch.Tensor, usage: torch.Tensor, dead
     """Move every code whose running usage is below ``dead_usage`` onto a random latent of ``z`` [B, D, h, w]."""
     dead = (usage < dead_usage).nonzero().flatten()
     if len(dead):
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        flat = latent_rows(z)
         model.codebook[dead] = flat[torch.randint(0, len(flat), (len(dead),), generator=generator)]
         usage[dead] = 1.0
 
@@ -316,9 +316,10 @@ _KMEANS_BATCH = 64
 def _fit_codebook(model: VQGAN, cfg: VQGANTrainConfig, usage: torch.Tensor) -> None:
     """Set the codebook to the k-means centroids of the encoder's latents of ``cfg.kmeans_pictures`` fresh pictures
     (batches after the run's last, so never trained on), and mark every code used."""
-    pictures = [shapes_batch(cfg.steps + i, min(_KMEANS_BATCH, cfg.kmeans_pictures - start), SIZE, cfg.seed)
-                for i, start in enumerate(range(0, cfg.kmeans_pictures, _KMEANS_BATCH))]
-    latents = torch.cat([model.encode(x).permute(0, 2, 3, 1).reshape(-1, model.config.embed_dim) for x in pictures])
+    latents = torch.cat([
+        latent_rows(model.encode(shapes_batch(cfg.steps + i, min(_KMEANS_BATCH, cfg.kmeans_pictures - start), SIZE,
+                                              cfg.seed)))
+        for i, start in enumerate(range(0, cfg.kmeans_pictures, _KMEANS_BATCH))])
     tqdm.write(f"codebook: k-means of {len(latents):,} latents of {cfg.kmeans_pictures} pictures into "
                f"{len(usage):,} codes")
     model.codebook.copy_(kmeans(latents, len(usage), KMEANS_ITERATIONS, torch.Generator().manual_seed(cfg.seed)))

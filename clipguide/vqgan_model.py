@@ -73,6 +73,11 @@ def nearest_codes(z: torch.Tensor, codes: torch.Tensor, chunk: int = 256) -> tor
                           for rows in z.split(chunk)])
 
 
+def latent_rows(z: torch.Tensor) -> torch.Tensor:
+    """Latents [B, D, h, w] -> one row per position, [B * h * w, D] (batch, then row, then column order)."""
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
 class VQGAN(nn.Module):
     """Encoder -> (quant_conv) -> codebook -> (post_quant_conv) -> decoder, taming's VQModel / GumbelVQ layout.
 
@@ -111,9 +116,8 @@ class VQGAN(nn.Module):
     def quantize_st(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents [B, D, h, w] -> (nearest codes [B, D, h, w] with the gradient passed straight to z,
         codebook loss: ||sg(z_q) - z||^2 * 0.25 + ||z_q - sg(z)||^2, code indices int64 [B * h * w])."""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         codes = self.codebook
-        index = nearest_codes(flat, codes)
+        index = nearest_codes(latent_rows(z), codes)
         z_q = codes[index].view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         loss = 0.25 * F.mse_loss(z, z_q.detach()) + F.mse_loss(z_q, z.detach())
         return z + (z_q - z).detach(), loss, index
