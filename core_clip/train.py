@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .align import AlignConfig, GradientAligner
 from .attack import ATTACK_NORMS
 from .checkpoint import atomic_write, load_strict, read_state_dict, saved_settings
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
@@ -44,7 +45,8 @@ STATE = "state.pt"
 # Settings that must not change when a run is resumed: they define the data order and the step arithmetic.
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
                      "noise", "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps",
-                     "negative_start", "negative_own", "twins", "flaws")
+                     "negative_start", "negative_own", "twins", "flaws", "align", "align_edits", "align_walk",
+                     "align_start")
 
 
 @dataclass
@@ -94,6 +96,15 @@ class TrainConfig:
     negative_own: float = field(default=0.0, metadata={
         "help": "share of fresh negative chains that start on a true picture of the caption they climb towards, so "
                 "that guidance's drift away from real pictures is trained against"})
+    align: float = field(default=0.0, metadata={
+        "help": "shapes: weight of the gradient-alignment loss, 1 - cos(d sim(x, edited caption) / dx, edited picture "
+                "- x) over ShapesWorld edit pairs, so that guidance's gradients head for the picture the prompt asks "
+                "for (0: off; see core_clip.align)"})
+    align_edits: int = field(default=32, metadata={"help": "edit pairs per optimiser step when --align > 0"})
+    align_walk: int = field(default=10, metadata={
+        "help": "most steps along the model's own gradient taken from a point between the pictures of an edit before "
+                "its gradient is trained (0: points on the straight way only)"})
+    align_start: int = field(default=0, metadata={"help": "optimiser steps before gradient alignment starts"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
@@ -254,6 +265,12 @@ class Trainer:
                                                            own=cfg.negative_own),
                                             image_size=self.model.image_size,
                                             seed=(cfg.seed * 1_000_003 + self.dist.rank) % 2**63)
+        self.aligner = None
+        if cfg.align:
+            if cfg.data != "shapes":
+                raise TrainError(f"--align draws ShapesWorld edit pairs; it needs --data shapes, got {cfg.data!r}")
+            self.aligner = GradientAligner(AlignConfig(edits=cfg.align_edits, walk=cfg.align_walk),
+                                           image_size=self.model.image_size, seed=cfg.seed, rank=self.dist.rank)
         self.checkpoints = Checkpoints(self.out, cfg.keep_checkpoints)
         self.step = 0
         if cfg.resume:
@@ -265,10 +282,11 @@ class Trainer:
         cfg = self.cfg
         check_ranges(cfg, TrainError,
                      at_least_one=("epochs", "batch_size", "accum_steps", "samples_per_epoch", "save_every",
-                                   "keep_checkpoints", "adv_steps", "negative_steps"),
+                                   "keep_checkpoints", "adv_steps", "negative_steps", "align_edits"),
                      positive=("lr",),
                      non_negative=("warmup_steps", "eval_every", "max_steps", "workers", "grad_clip", "weight_decay",
-                                   "noise", "adv_eps", "adv_start", "negatives", "negative_start"))
+                                   "noise", "adv_eps", "adv_start", "negatives", "negative_start", "align", "align_walk",
+                                   "align_start"))
         if cfg.negative_own and not cfg.negatives:
             raise TrainError("--negative-own needs --negatives (it chooses where negative chains start)")
         if cfg.precision not in ("fp32", "bf16", "fp16"):
@@ -387,7 +405,15 @@ class Trainer:
         return self.loss_fn(image_features, text_features, logit_scale, positives=pos)["contrastive_loss"]
 
     def _train_step(self, batches: list[Batch]) -> float:
-        """One optimiser step over ``accum_steps`` micro-batches; returns the loss of the whole effective batch."""
+        """One optimiser step over ``accum_steps`` micro-batches; returns the loss of the whole effective batch
+        (the contrastive loss; the alignment loss of ``--align`` is kept in ``self.align_loss``)."""
+        self.align_loss = None
+        if self.aligner is not None and self.step >= self.cfg.align_start:
+            # before the contrastive backward: under DDP, that last backward all-reduces the gradients that this
+            # one accumulated locally, as after no_sync micro-batches
+            align = self.aligner.loss(self.model, self.step)
+            self.scaler.scale(self.cfg.align * align).backward()
+            self.align_loss = align.item()
         if self.cfg.adv_eps and self.step >= self.cfg.adv_start:
             batches = [self._adversarial(b, j) for j, b in enumerate(batches)]
         if self.negatives is not None and self.step >= self.cfg.negative_start:
@@ -471,8 +497,11 @@ class Trainer:
                     self.step += 1
                     speed = effective / (time.perf_counter() - tic)
                     temperature = self.model.logit_scale.item()
-                    self._log({"step": self.step, "epoch": epoch, "loss": loss, "logit_scale": temperature,
-                               "lr": lr, "samples_per_s": speed, "time": round(time.time(), 3)})
+                    row = {"step": self.step, "epoch": epoch, "loss": loss, "logit_scale": temperature,
+                           "lr": lr, "samples_per_s": speed, "time": round(time.time(), 3)}
+                    if self.align_loss is not None:
+                        row["align_loss"] = self.align_loss
+                    self._log(row)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", scale=f"{temperature:.1f}", sps=f"{speed:.0f}")
                     if self.step % cfg.save_every == 0 or self.step == self.total_steps:
