@@ -11,8 +11,8 @@ points the model's own gradient leads to from there, the alignment loss is
 
 averaged over the pairs, where ``sim`` is the cosine of the image and text embeddings (guidance's similarity) and
 the caption names what the edit changed. Training on it differentiates through an input gradient (double
-backward), so a step costs about three forward passes of the edit pictures; the model runs in eval mode (batch
-norms on their running statistics), as guidance runs it.
+backward), which costs about three forward passes of the edit pictures, and each walk step one forward and
+backward; the model runs in eval mode (batch norms on their running statistics), as guidance runs it.
 """
 from __future__ import annotations
 
