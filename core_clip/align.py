@@ -16,7 +16,6 @@ backward; the model runs in eval mode (batch norms on their running statistics),
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import shapes
 from .errors import CoreClipError
-from .model import ClipModel
+from .model import ClipModel, eval_mode
 from .preprocess import as_image_batch
 
 
@@ -88,16 +87,6 @@ def edit_pairs(n: int, size: int, rng: np.random.Generator, split: str = "train"
     return EditPairs(sources, targets, as_image_batch(np.stack(x0)), as_image_batch(np.stack(x1)), captions)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: ClipModel):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def similarity(model: ClipModel, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Guidance's similarity: cos(image embedding, text) per image. images float [B, 3, S, S] in [0, 1] (S the
     model's size), text [B, D] (normalised or not) -> [B]. The math attention kernel keeps it twice differentiable
@@ -125,7 +114,7 @@ def alignment_loss(model: ClipModel, x: torch.Tensor, target: torch.Tensor, capt
     """mean over i of 1 - cos(d sim(x_i, captions[i]) / dx_i, target_i - x_i): 0 when every gradient points
     straight at its target, 1 for orthogonal ones. x, target float [B, 3, S, S] in [0, 1]. Differentiable with
     respect to the model's parameters (text tower included); the model is used in eval mode."""
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         point = x.detach().requires_grad_(True)
         text = model.encode_text(captions, grad=True)
         grad, = torch.autograd.grad(similarity(model, point, text).sum(), point, create_graph=True)
@@ -149,7 +138,7 @@ class GradientAligner:
         t = torch.from_numpy(rng.uniform(0, cfg.reach, cfg.edits)).float().to(model.device)[:, None, None, None]
         x = x0 + t * (x1 - x0)
         if cfg.walk:
-            with _eval_mode(model):
+            with eval_mode(model):
                 with torch.no_grad():
                     text = model.encode_text(pairs.captions)
                 x = walk(model, x, text, torch.from_numpy(rng.integers(0, cfg.walk + 1, cfg.edits)), cfg.walk_size)

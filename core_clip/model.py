@@ -14,6 +14,7 @@ Every checkpoint loads strictly (all keys, all shapes) and without unpickling co
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -21,7 +22,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import open_clip
 import torch
@@ -45,6 +46,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _FOLDER_WEIGHTS = (WEIGHTS_NAME, "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 DEFAULT_MODEL = "shapes"  # the shipped ShapesWorld CLIP: what the CLI and guidance use offline
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the block with ``module`` in eval mode (batch norms on their running statistics, no dropout), then give
+    it back the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def is_clip_score(value: object) -> bool:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .data import NULL_CAPTION, UNCLEAR, Augment, Batch
 from .errors import CoreClipError
-from .model import ClipModel
+from .model import ClipModel, eval_mode
 
 @dataclass(frozen=True)
 class NegativeConfig:
@@ -110,14 +110,10 @@ class NegativeBuffer:
                 start = batch.images[picture] if from_real else _noise_images(1, self.images.shape[-1], g)[0]
                 self.images[i] = start.cpu()
         images = self.images[index].to(model.device)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             with torch.no_grad():
                 targets = model.encode_text([self.captions[i] for i in index.tolist()])
             images = self._climb(model, images, targets, self.grids[index].tolist())
-        finally:
-            model.train(was_training)
         self.images[index] = images.cpu()
         return images
 

@@ -34,7 +34,7 @@ from .checkpoint import atomic_write, load_strict, read_state_dict, saved_settin
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
 from .errors import CheckpointError, CoreClipError, check_ranges
 from .loss import ClipLoss, SigLipLoss
-from .model import ClipModel, load
+from .model import ClipModel, eval_mode, load
 from .negatives import NegativeBuffer, NegativeConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -467,10 +467,9 @@ class Trainer:
 
         if not self.dist.main or self.cfg.data not in ("shapes", "digits"):
             return
-        self.model.eval()
-        results = (eval_shapes(self.model, n=self.cfg.eval_samples, seed=10_000 + self.step)
-                   if self.cfg.data == "shapes" else eval_digits(self.model))
-        self.model.train()
+        with eval_mode(self.model):
+            results = (eval_shapes(self.model, n=self.cfg.eval_samples, seed=10_000 + self.step)
+                       if self.cfg.data == "shapes" else eval_digits(self.model))
         self._log({"step": self.step, "eval": results})
         tqdm.write(f"step {self.step} eval: " + ", ".join(f"{k}={v:.3f}" for k, v in results.items()
                                                             if k.endswith("acc")))
