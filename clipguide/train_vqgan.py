@@ -35,7 +35,14 @@ the new codes onto batch latents.
 are, no codebook), which learns ShapesWorld far faster per minute than through quantisation (the README's table:
 71.6% read back after one 29-minute run, against 36.0%); then the codebook becomes the k-means centroids
 (:func:`kmeans`) of the encoder's latents of ``--kmeans-pictures`` fresh pictures, and the remaining steps train
-through it.
+through it. ``--latent-noise S`` adds Gaussian noise of S times each latent channel's batch std to what the decoder
+sees in those steps: a decoder trained so reads codes a little off its latents as it reads the latents, and an
+encoder trained against it spreads what a code must say (the shape's exact colour above all) over its neighbours,
+so the codebook's snapping costs far less (README: 86.6% read back against 69.2% for the same 16 minutes).
+
+``--precision bf16`` runs the encoder and decoder under bf16 autocast (the code search and the losses stay fp32) on
+this CPU's AMX units, and ``--compile`` fuses their kernels with torch.compile (about 30 s for each new input shape):
+together 2.4x the steps per second of fp32 on whole pictures.
 
 ``--recipe NAME`` runs a named chain of runs (:data:`RECIPES`) into ``--out``/stage1, stage2, ..., each started from
 the weights of the one before, and writes the last one's weights to ``--out``; settings that no stage sets (say
@@ -63,7 +70,9 @@ from core_clip.errors import check_ranges
 from .errors import ClipguideError
 from .generators.base import clamp_with_grad
 from .losses import segment_position
-from .training import load_resume_state, run_script, run_settings, set_warmup_cosine_lr, shapes_batch
+from .compiling import compiled
+from .training import (autocast, check_precision, load_resume_state, run_script, run_settings, set_warmup_cosine_lr,
+                       shapes_batch)
 from .vqgan_model import VQGAN, VQGANConfig, latent_rows, nearest_codes
 
 SIZE = 64             # ShapesWorld pictures are rendered, encoded and judged at 64 px
@@ -92,8 +101,11 @@ class VQGANTrainConfig:
     shape_outline: float = 0.0
     frame: float = 0.0
     continuous_steps: int = 0
+    latent_noise: float = 0.0
     kmeans_pictures: int = 1024
     init: str = ""
+    precision: str = "fp32"   # or bf16: autocast of the encoder and decoder (not the code search)
+    compile: bool = False     # torch.compile the encoder and decoder (once for crops, once for whole pictures)
     full_steps: int = 700
     lr: float = 3e-3
     warmup: int = 50
@@ -108,8 +120,9 @@ class VQGANTrainConfig:
     def __post_init__(self) -> None:
         check_ranges(self, ClipguideError,
                      positive=("steps", "batch_size", "codes", "restart_every", "save_every", "kmeans_pictures"),
-                     non_negative=("lr", "texture", "blend", "outline", "shape_blend", "shape_outline", "frame",
+                     non_negative=("lr", "latent_noise", "texture", "blend", "outline", "shape_blend", "shape_outline", "frame",
                                    "continuous_steps", "full_steps", "warmup", "dead_usage", "eval_images", "seed"))
+        check_precision(self.precision)
         if self.factor not in FACTORS:
             raise ClipguideError(f"--factor must be one of {', '.join(map(str, FACTORS))}, got {self.factor}")
         if self.crop % self.factor or not self.factor <= self.crop <= SIZE:
@@ -118,6 +131,8 @@ class VQGANTrainConfig:
         if self.continuous_steps and self.continuous_steps >= self.steps:
             raise ClipguideError(f"--continuous-steps must be below --steps ({self.steps}), got "
                                  f"{self.continuous_steps}: the codebook is fitted when they end")
+        if self.latent_noise and not self.continuous_steps:
+            raise ClipguideError("--latent-noise applies to the --continuous-steps only; set them too")
         latents = self.kmeans_pictures * (SIZE // self.factor) ** 2
         if self.continuous_steps and latents < self.codes:
             raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures} give {latents} latents, fewer than the "
@@ -282,6 +297,14 @@ def _crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tenso
     return x[:, :, top:top + size, left:left + size]
 
 
+def _noisy(z: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Latents [B, D, h, w] plus Gaussian noise of ``scale`` times each channel's batch std (detached)."""
+    if not scale:
+        return z
+    noise = torch.randn(z.shape, generator=generator)
+    return z + scale * z.detach().std(dim=(0, 2, 3), keepdim=True) * noise
+
+
 @torch.no_grad()
 def _restart_dead_codes(model: VQGAN, z: torch.Tensor, usage: torch.Tensor, dead_usage: float,
                         generator: torch.Generator) -> None:
@@ -386,6 +409,9 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         usage, start = state["usage"], state["step"]
     elif cfg.init:  # a resumed run has its own weights
         _load_init(model, cfg.init, usage, torch.Generator().manual_seed(cfg.seed))
+    encode, decode = model.encode, model.decode
+    if cfg.compile:
+        encode, decode = compiled(encode, torch.device("cpu")), compiled(decode, torch.device("cpu"))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vqgan")
     for step in bar:
         set_warmup_cosine_lr(optimizer, step, cfg.steps, cfg.warmup, cfg.lr)
@@ -395,9 +421,14 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         quantised = step >= cfg.continuous_steps
         if step == cfg.continuous_steps and step > 0:
             _fit_codebook(model, cfg, usage)
-        z = model.encode(x)
-        z_q, codebook_loss, picks = model.quantize_st(z) if quantised else (z, z.new_zeros(()), None)
-        recon = model.decode(z_q)
+        with autocast(cfg.precision):
+            z = encode(x).float()
+        if quantised:
+            z_q, codebook_loss, picks = model.quantize_st(z)
+        else:
+            z_q, codebook_loss = _noisy(z, cfg.latent_noise, generator), z.new_zeros(())
+        with autocast(cfg.precision):
+            recon = decode(z_q).float()
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + codebook_loss
         for name, term in {"texture": texture_error, **(PICTURE_TERMS if crop >= SIZE else {})}.items():

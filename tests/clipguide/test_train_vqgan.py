@@ -214,6 +214,8 @@ def test_the_factor_sets_the_latent_grid(factor):
      "--continuous-steps must be below --steps (5), got 5: the codebook is fitted when they end"),
     (["--continuous-steps", "1", "--kmeans-pictures", "3"],
      "--kmeans-pictures 3 give 768 latents, fewer than the 1024 codes fitted to them"),
+    (["--latent-noise", "0.3"], "--latent-noise applies to the --continuous-steps only; set them too"),
+    (["--continuous-steps", "1", "--latent-noise=-1"], "--latent-noise must be >= 0, got -1.0"),
     (["--kmeans-pictures", "0"], "--kmeans-pictures must be > 0, got 0"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -326,6 +328,64 @@ def test_a_run_killed_at_the_codebook_fit_resumes_exactly(crash_and_resume):
     # batch 2 is the first quantised one: the crash comes after the step-2 checkpoint and before the fit
     straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 2, steps=4, continuous_steps=2,
                                          kmeans_pictures=1, batch_size=2, save_every=2, restart_every=1, warmup=1,
-                                         eval_images=0, full_steps=4, codes=16, blend=1.0)
+                                         eval_images=0, full_steps=4, codes=16, blend=1.0, latent_noise=0.5)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bf16_run_keeps_float32_weights_resumes_exactly_and_differs_from_fp32(crash_and_resume):
+    config = dict(steps=4, batch_size=2, save_every=2, restart_every=1, warmup=1, eval_images=0, full_steps=2,
+                  codes=16, blend=1.0)
+    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 3, precision="bf16", **config)
+    a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
+    assert all(a[k].dtype == torch.float32 for k in a)      # autocast: the weights stay float32
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fp32 = train_vqgan.train(VQGANTrainConfig(out=str(straight.parent / "fp32"), **config)).state_dict()
+    assert not torch.equal(fp32["decoder.conv_out.weight"], a["decoder.conv_out.weight"])
+    with pytest.raises(ClipguideError, match=r"other settings \(precision='bf16' -> 'fp32'\)"):
+        train_vqgan.train(VQGANTrainConfig(out=str(straight), resume=True, **config))
+
+
+def test_a_compiled_run_trains_the_eager_runs_model(tmp_path):
+    """torch.compile fuses the encoder's and decoder's kernels; the arithmetic is the same up to rounding."""
+    config = dict(steps=2, batch_size=2, warmup=1, eval_images=0, full_steps=2, codes=16, restart_every=100, lr=1e-3)
+    eager, fused = (train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / name), compile=name == "fused", **config))
+                    for name in ("eager", "fused"))
+    torch.manual_seed(0)                           # as the runs did before building theirs
+    start = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32)).state_dict()
+    a, b = eager.state_dict(), fused.state_dict()
+    moved = (torch.cat([(a[k] - start[k]).flatten() for k in start]),      # what two Adam steps changed
+             torch.cat([(b[k] - a[k]).flatten() for k in start]))          # where the two runs part
+    assert moved[0].norm() > 0.1                   # the comparison is of trained weights, not of two copies of one
+    # rounding differs, and Adam turns a near-zero gradient's rounding into a full step of either sign: a few of
+    # the 0.5 M weights part by 2 lr (1.2% of the update's norm measured); a step lost or wired wrongly parts by far more
+    assert moved[1].norm() < 0.05 * moved[0].norm()
+
+
+def test_training_batches_are_contiguous_nchw():
+    # a channels-last batch carries its layout through every conv: the bf16 GroupNorm backward then runs ~4x slower
+    x = train_vqgan.shapes_batch(0, 2, 64, 0)
+    assert x.shape == (2, 3, 64, 64) and x.is_contiguous()
+
+
+def test_latent_noise_is_scaled_by_each_channels_spread():
+    z = torch.randn(64, 2, 16, 16) * torch.tensor([1.0, 10.0])[:, None, None] + 5
+    assert train_vqgan._noisy(z, 0.0, torch.Generator()) is z
+    noise = train_vqgan._noisy(z, 0.3, torch.Generator().manual_seed(0)) - z
+    torch.testing.assert_close(noise.std(dim=(0, 2, 3)), 0.3 * z.std(dim=(0, 2, 3)), rtol=0.02, atol=0)
+    # zero mean: within 5 standard errors (16,384 draws a channel)
+    assert (noise.mean(dim=(0, 2, 3)).abs() / noise.std(dim=(0, 2, 3)) < 5 / 128).all()
+
+
+def test_latent_noise_perturbs_the_continuous_steps_only(tmp_path, monkeypatch):
+    """Noise on the latents that the decoder sees while there is no codebook (a stand-in for the quantisation error
+    to come); the steps through the codebook decode its codes as they are."""
+    scales = []
+    real_noisy = train_vqgan._noisy
+    monkeypatch.setattr(train_vqgan, "_noisy", lambda z, scale, g: scales.append(scale) or real_noisy(z, scale, g))
+    config = dict(steps=3, continuous_steps=2, batch_size=2, warmup=1, eval_images=0, codes=16, kmeans_pictures=1,
+                  restart_every=100, full_steps=3)
+    plain = train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "plain"), **config)).state_dict()
+    noisy = train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "noisy"), latent_noise=0.5, **config)).state_dict()
+    assert scales == [0.0, 0.0, 0.5, 0.5]             # two continuous steps per run, none through the codebook
+    assert not torch.equal(plain["decoder.conv_out.weight"], noisy["decoder.conv_out.weight"])
