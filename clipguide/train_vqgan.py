@@ -42,7 +42,7 @@ so the codebook's snapping costs far less (README: 86.6% read back against 69.2%
 
 ``--precision bf16`` runs the encoder and decoder under bf16 autocast (the code search and the losses stay fp32) on
 this CPU's AMX units, and ``--compile`` fuses their kernels with torch.compile (about 30 s for each new input shape):
-together 2.4x the steps per second of fp32 on whole pictures.
+together about 2.2x the steps per second of fp32 (``benchmarks/vqgan_train_step.py``).
 
 ``--recipe NAME`` runs a named chain of runs (:data:`RECIPES`) into ``--out``/stage1, stage2, ..., each started from
 the weights of the one before, and writes the last one's weights to ``--out``; settings that no stage sets (say
@@ -120,8 +120,9 @@ class VQGANTrainConfig:
     def __post_init__(self) -> None:
         check_ranges(self, ClipguideError,
                      positive=("steps", "batch_size", "codes", "restart_every", "save_every", "kmeans_pictures"),
-                     non_negative=("lr", "latent_noise", "texture", "blend", "outline", "shape_blend", "shape_outline", "frame",
-                                   "continuous_steps", "full_steps", "warmup", "dead_usage", "eval_images", "seed"))
+                     non_negative=("lr", "latent_noise", "texture", "blend", "outline", "shape_blend", "shape_outline",
+                                   "frame", "continuous_steps", "full_steps", "warmup", "dead_usage", "eval_images",
+                                   "seed"))
         check_precision(self.precision)
         if self.factor not in FACTORS:
             raise ClipguideError(f"--factor must be one of {', '.join(map(str, FACTORS))}, got {self.factor}")

@@ -357,8 +357,8 @@ def test_a_compiled_run_trains_the_eager_runs_model(tmp_path):
     moved = (torch.cat([(a[k] - start[k]).flatten() for k in start]),      # what two Adam steps changed
              torch.cat([(b[k] - a[k]).flatten() for k in start]))          # where the two runs part
     assert moved[0].norm() > 0.1                   # the comparison is of trained weights, not of two copies of one
-    # rounding differs, and Adam turns a near-zero gradient's rounding into a full step of either sign: a few of
-    # the 0.5 M weights part by 2 lr (1.2% of the update's norm measured); a step lost or wired wrongly parts by far more
+    # rounding differs, and Adam turns a near-zero gradient's rounding into a full step of either sign: a few of the
+    # weights part by 2 lr (1.2% of the update's norm measured); a step lost or wired wrongly parts by far more
     assert moved[1].norm() < 0.05 * moved[0].norm()
 
 
