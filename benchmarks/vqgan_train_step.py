@@ -1,7 +1,7 @@
 """Seconds per training step of the shipped VQGAN (``python -m clipguide.train_vqgan``), fp32 against
 ``--precision bf16`` and ``--precision bf16 --compile``, in one process, with the ratios. Not a unit test; run by hand.
 
-    python benchmarks/vqgan_train_step.py [--short 5] [--long 25]
+    python benchmarks/vqgan_train_step.py [--short 5] [--long 45]
 
 Each setting trains twice, ``--short`` and ``--long`` steps, on 32 px crops and on whole 64 px pictures (batch 32,
 1,024 codes, the shipped chain's loss terms on whole pictures); the difference of the two wall times over the
