@@ -35,10 +35,12 @@ the new codes onto batch latents.
 are, no codebook), which learns ShapesWorld far faster per minute than through quantisation (the README's table:
 71.6% read back after one 29-minute run, against 36.0%); then the codebook becomes the k-means centroids
 (:func:`kmeans`) of the encoder's latents of ``--kmeans-pictures`` fresh pictures, and the remaining steps train
-through it. ``--latent-noise S`` adds Gaussian noise of S times each latent channel's batch std to what the decoder
-sees in those steps: a decoder trained so reads codes a little off its latents as it reads the latents, and an
-encoder trained against it spreads what a code must say (the shape's exact colour above all) over its neighbours,
-so the codebook's snapping costs far less (README: 86.6% read back against 69.2% for the same 16 minutes).
+through it (``--decoder-only``: the decoder alone, the encoder and the fitted codebook as they are); with N equal to
+``--steps`` the codebook is fitted after the last step and none trains through it. ``--latent-noise S`` adds
+Gaussian noise of S times each latent channel's batch std to what the decoder sees in the first N steps: a decoder
+trained so reads codes a little off its latents as it reads the latents, and an encoder trained against it spreads
+what a code must say (the shape's exact colour above all) over its neighbours, so the codebook's snapping costs far
+less (README: 86.6% read back against 69.2% for the same 16 minutes).
 
 ``--precision bf16`` runs the encoder and decoder under bf16 autocast (the code search and the losses stay fp32) on
 this CPU's AMX units, and ``--compile`` fuses their kernels with torch.compile (about 30 s for each new input shape):
@@ -103,6 +105,7 @@ class VQGANTrainConfig:
     continuous_steps: int = 0
     latent_noise: float = 0.0
     kmeans_pictures: int = 1024
+    decoder_only: bool = False  # the steps after the codebook fit train the decoder alone
     init: str = ""
     precision: str = "fp32"   # or bf16: autocast of the encoder and decoder (not the code search)
     compile: bool = False     # torch.compile the encoder and decoder (once for crops, once for whole pictures)
@@ -129,11 +132,12 @@ class VQGANTrainConfig:
         if self.crop % self.factor or not self.factor <= self.crop <= SIZE:
             raise ClipguideError(f"--crop must be a multiple of {self.factor} from {self.factor} to {SIZE}, "
                                  f"got {self.crop}")
-        if self.continuous_steps and self.continuous_steps >= self.steps:
-            raise ClipguideError(f"--continuous-steps must be below --steps ({self.steps}), got "
-                                 f"{self.continuous_steps}: the codebook is fitted when they end")
-        if self.latent_noise and not self.continuous_steps:
-            raise ClipguideError("--latent-noise applies to the --continuous-steps only; set them too")
+        if self.continuous_steps > self.steps:
+            raise ClipguideError(f"--continuous-steps must be at most --steps ({self.steps}), got "
+                                 f"{self.continuous_steps}")
+        for flag, value in (("--latent-noise", self.latent_noise), ("--decoder-only", self.decoder_only)):
+            if value and not self.continuous_steps:
+                raise ClipguideError(f"{flag} applies only with --continuous-steps; set them too")
         latents = self.kmeans_pictures * (SIZE // self.factor) ** 2
         if self.continuous_steps and latents < self.codes:
             raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures} give {latents} latents, fewer than the "
@@ -420,12 +424,13 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         crop = cfg.crop if step < cfg.steps - cfg.full_steps else SIZE
         x = _crop(shapes_batch(step, cfg.batch_size, SIZE, cfg.seed), crop, generator)
         quantised = step >= cfg.continuous_steps
-        if step == cfg.continuous_steps and step > 0:
-            _fit_codebook(model, cfg, usage)
-        with autocast(cfg.precision):
+        frozen = quantised and cfg.decoder_only
+        with torch.set_grad_enabled(not frozen), autocast(cfg.precision):
             z = encode(x).float()
         if quantised:
             z_q, codebook_loss, picks = model.quantize_st(z)
+            if frozen:  # the codebook stays as fitted
+                codebook_loss = codebook_loss.detach()
         else:
             z_q, codebook_loss = _noisy(z, cfg.latent_noise, generator), z.new_zeros(())
         with autocast(cfg.precision):
@@ -440,8 +445,10 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
         optimizer.step()
         if quantised:
             usage = 0.99 * usage + torch.bincount(picks, minlength=len(usage)).float()
-            if (step + 1) % cfg.restart_every == 0 and step + 1 < cfg.steps:
+            if (step + 1) % cfg.restart_every == 0 and step + 1 < cfg.steps and not frozen:
                 _restart_dead_codes(model, z.detach(), usage, cfg.dead_usage, generator)
+        if step + 1 == cfg.continuous_steps:  # before the checkpoint below, which then holds the fitted codebook
+            _fit_codebook(model, cfg, usage)
         bar.set_postfix(rec=f"{rec.item():.4f}", codebook=f"{codebook_loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             model.save(out / "vqgan.safetensors")

@@ -210,11 +210,11 @@ def test_the_factor_sets_the_latent_grid(factor):
     (["--crop", "128"], "--crop must be a multiple of 4 from 4 to 64, got 128"),
     (["--factor", "3"], "--factor must be one of 2, 4, 8, got 3"),
     (["--factor", "8", "--crop", "12"], "--crop must be a multiple of 8 from 8 to 64, got 12"),
-    (["--steps", "5", "--continuous-steps", "5"],
-     "--continuous-steps must be below --steps (5), got 5: the codebook is fitted when they end"),
+    (["--steps", "5", "--continuous-steps", "6"], "--continuous-steps must be at most --steps (5), got 6"),
     (["--continuous-steps", "1", "--kmeans-pictures", "3"],
      "--kmeans-pictures 3 give 768 latents, fewer than the 1024 codes fitted to them"),
-    (["--latent-noise", "0.3"], "--latent-noise applies to the --continuous-steps only; set them too"),
+    (["--latent-noise", "0.3"], "--latent-noise applies only with --continuous-steps; set them too"),
+    (["--decoder-only"], "--decoder-only applies only with --continuous-steps; set them too"),
     (["--continuous-steps", "1", "--latent-noise=-1"], "--latent-noise must be >= 0, got -1.0"),
     (["--kmeans-pictures", "0"], "--kmeans-pictures must be > 0, got 0"),
 ])
@@ -303,19 +303,21 @@ def test_kmeans_moves_an_empty_centroid_onto_a_point():
     assert sorted(centroids.tolist()) == [[0.0, 0.0], [3.0, 4.0]]
 
 
-def test_continuous_steps_end_with_a_kmeans_codebook_of_fresh_latents(tmp_path, monkeypatch):
+@pytest.mark.parametrize("steps, quantised", [(3, [2]), (2, [])])
+def test_continuous_steps_end_with_a_kmeans_codebook_of_fresh_latents(tmp_path, monkeypatch, steps, quantised):
     """The first --continuous-steps decode the encoder's latents as they are (no codebook); then the codebook
-    becomes the k-means centroids of the latents of --kmeans-pictures pictures the run never trains on."""
+    becomes the k-means centroids of the latents of --kmeans-pictures pictures the run never trains on. When they
+    are all the steps, the codebook is fitted after the last one."""
     config = dict(batch_size=2, warmup=1, eval_images=0, codes=16, restart_every=100, kmeans_pictures=2, seed=3)
     seen = []
     real_quantize = VQGAN.quantize_st
     monkeypatch.setattr(VQGAN, "quantize_st", lambda self, z: seen.append(len(z)) or real_quantize(self, z))
     torch.manual_seed(3)
     start = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32))
-    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), steps=3, continuous_steps=2, lr=0.0, **config))
-    assert seen == [2]                                  # only the last of the three steps quantised its batch
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), steps=steps, continuous_steps=2, lr=0.0, **config))
+    assert seen == quantised                            # the batches (of 2) of the steps after the continuous two
     with torch.no_grad():
-        pictures = train_vqgan.shapes_batch(3, 2, 64, 3)   # batch "steps + 0": after the run's last
+        pictures = train_vqgan.shapes_batch(steps, 2, 64, 3)   # batch "steps + 0": after the run's last
         latents = start.encode(pictures).permute(0, 2, 3, 1).reshape(-1, 32)
     expected = train_vqgan.kmeans(latents, 16, train_vqgan.KMEANS_ITERATIONS, torch.Generator().manual_seed(3))
     trained = read_state_dict(tmp_path / "run" / "vqgan.safetensors")
@@ -324,10 +326,32 @@ def test_continuous_steps_end_with_a_kmeans_codebook_of_fresh_latents(tmp_path, 
     assert all(torch.equal(trained[k], fresh[k]) for k in fresh if k != "quantize.embedding.weight")   # lr 0
 
 
+def test_decoder_only_steps_leave_the_encoder_and_the_fitted_codebook_as_they_were(tmp_path, monkeypatch):
+    at_fit = {}
+    real_fit = train_vqgan._fit_codebook
+
+    def fit(model, *args):
+        real_fit(model, *args)
+        at_fit.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    monkeypatch.setattr(train_vqgan, "_fit_codebook", fit)
+    model = train_vqgan.train(VQGANTrainConfig(
+        out=str(tmp_path / "run"), steps=4, continuous_steps=2, decoder_only=True, batch_size=2, warmup=1,
+        eval_images=0, codes=16, kmeans_pictures=1, restart_every=1, dead_usage=2.0, full_steps=4, blend=1.0))
+    trained = model.state_dict()
+    kept = [k for k in trained if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert "quantize.embedding.weight" in kept and any(k.startswith("encoder.") for k in kept)
+    # restarts (every step, and any code picked less than twice counts as dead) would have moved codes
+    assert all(torch.equal(trained[k], at_fit[k]) for k in kept)
+    assert not torch.equal(trained["decoder.conv_out.weight"], at_fit["decoder.conv_out.weight"])
+    assert not torch.equal(trained["post_quant_conv.weight"], at_fit["post_quant_conv.weight"])
+
+
 def test_a_run_killed_at_the_codebook_fit_resumes_exactly(crash_and_resume):
-    # batch 2 is the first quantised one: the crash comes after the step-2 checkpoint and before the fit
-    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 2, steps=4, continuous_steps=2,
-                                         kmeans_pictures=1, batch_size=2, save_every=2, restart_every=1, warmup=1,
+    # the fit draws batch "steps + 0" (4) after step 2's update and before its checkpoint: the crash comes in the
+    # fit, and the run resumes from step 1's checkpoint
+    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 4, steps=4, continuous_steps=2,
+                                         kmeans_pictures=1, batch_size=2, save_every=1, restart_every=1, warmup=1,
                                          eval_images=0, full_steps=4, codes=16, blend=1.0, latent_noise=0.5)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
