@@ -14,12 +14,14 @@ import torch
 from core_clip import shapes
 from core_clip.checkpoint import saved_settings
 from core_clip.errors import CoreClipError
+from core_clip.model import PRECISIONS as CLIP_PRECISIONS
 
 from .errors import ClipguideError
 
 #: ``--precision`` of the training scripts: the autocast dtype of the network's forward pass (weights, optimiser state
-#: and losses stay fp32). bf16 runs on this AVX512-BF16/AMX CPU's matrix units.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: and losses stay fp32). bf16 runs on this AVX512-BF16/AMX CPU's matrix units. core_clip's names and dtypes, less
+#: fp16, which would need a gradient scaler that these scripts do not have.
+PRECISIONS = {name: dtype for name, dtype in CLIP_PRECISIONS.items() if name != "fp16"}
 
 # Config fields a resumed run may change: where and how often it writes, what it reports, where it runs.
 _RESUME_FREE = frozenset({"out", "resume", "save_every", "eval_images", "device"})
