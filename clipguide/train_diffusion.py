@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from core_clip.checkpoint import atomic_write, current_umask, load_strict, read_state_dict, save_safetensors
 from core_clip.errors import check_ranges
+from core_clip.model import autocast
 
 from .errors import ClipguideError
-from .training import (autocast, check_precision, load_resume_state, run_script, run_settings, set_warmup_cosine_lr,
+from .training import (check_precision, load_resume_state, run_script, run_settings, set_warmup_cosine_lr,
                        shapes_batch)
 
 SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,

@@ -36,7 +36,9 @@ are, no codebook), which learns ShapesWorld far faster per minute than through q
 71.6% read back after one 29-minute run, against 36.0%); then the codebook becomes the k-means centroids
 (:func:`kmeans`) of the encoder's latents of ``--kmeans-pictures`` fresh pictures, and the remaining steps train
 through it (``--decoder-only``: the decoder alone, the encoder and the fitted codebook as they are); with N equal to
-``--steps`` the codebook is fitted after the last step and none trains through it. ``--latent-noise S`` adds
+``--steps`` the codebook is fitted after the last step and none trains through it. ``--refill-rounds R`` follows
+the k-means fit with R rounds that each move the ``--refill-codes`` least-used codes onto the latents of
+``--refill-pictures`` more pictures that are farthest from every code (:func:`refill`). ``--latent-noise S`` adds
 Gaussian noise of S times each latent channel's batch std to what the decoder sees in the first N steps: a decoder
 trained so reads codes a little off its latents as it reads the latents, and an encoder trained against it spreads
 what a code must say (the shape's exact colour above all) over its neighbours, so the codebook's snapping costs far
@@ -68,12 +70,13 @@ from tqdm.auto import tqdm
 from core_clip import shapes
 from core_clip.checkpoint import atomic_write, load_strict, read_state_dict
 from core_clip.errors import check_ranges
+from core_clip.model import autocast
 
 from .errors import ClipguideError
 from .generators.base import clamp_with_grad
 from .losses import segment_position
 from .compiling import compiled
-from .training import (autocast, check_precision, load_resume_state, run_script, run_settings, set_warmup_cosine_lr,
+from .training import (check_precision, load_resume_state, run_script, run_settings, set_warmup_cosine_lr,
                        shapes_batch)
 from .vqgan_model import VQGAN, VQGANConfig, latent_rows, nearest_codes
 
@@ -105,6 +108,9 @@ class VQGANTrainConfig:
     continuous_steps: int = 0
     latent_noise: float = 0.0
     kmeans_pictures: int = 1024
+    refill_rounds: int = 0        # after k-means: rounds moving little-used codes onto badly served latents
+    refill_pictures: int = 1024   # fresh pictures encoded per round
+    refill_codes: int = 2048      # codes moved per round
     decoder_only: bool = False  # the steps after the codebook fit train the decoder alone
     init: str = ""
     precision: str = "fp32"   # or bf16: autocast of the encoder and decoder (not the code search)
@@ -122,10 +128,11 @@ class VQGANTrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, ClipguideError,
-                     positive=("steps", "batch_size", "codes", "restart_every", "save_every", "kmeans_pictures"),
+                     positive=("steps", "batch_size", "codes", "restart_every", "save_every", "kmeans_pictures",
+                               "refill_pictures", "refill_codes"),
                      non_negative=("lr", "latent_noise", "texture", "blend", "outline", "shape_blend", "shape_outline",
                                    "frame", "continuous_steps", "full_steps", "warmup", "dead_usage", "eval_images",
-                                   "seed"))
+                                   "seed", "refill_rounds"))
         check_precision(self.precision)
         if self.factor not in FACTORS:
             raise ClipguideError(f"--factor must be one of {', '.join(map(str, FACTORS))}, got {self.factor}")
@@ -135,13 +142,18 @@ class VQGANTrainConfig:
         if self.continuous_steps > self.steps:
             raise ClipguideError(f"--continuous-steps must be at most --steps ({self.steps}), got "
                                  f"{self.continuous_steps}")
-        for flag, value in (("--latent-noise", self.latent_noise), ("--decoder-only", self.decoder_only)):
+        for flag, value in (("--latent-noise", self.latent_noise), ("--decoder-only", self.decoder_only),
+                            ("--refill-rounds", self.refill_rounds)):
             if value and not self.continuous_steps:
                 raise ClipguideError(f"{flag} applies only with --continuous-steps; set them too")
-        latents = self.kmeans_pictures * (SIZE // self.factor) ** 2
-        if self.continuous_steps and latents < self.codes:
-            raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures} give {latents} latents, fewer than the "
-                                 f"{self.codes} codes fitted to them")
+        per_picture = (SIZE // self.factor) ** 2
+        if self.continuous_steps and self.kmeans_pictures * per_picture < self.codes:
+            raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures} give {self.kmeans_pictures * per_picture} "
+                                 f"latents, fewer than the {self.codes} codes fitted to them")
+        refill_latents = self.refill_pictures * per_picture
+        if self.refill_rounds and self.refill_codes > min(self.codes, refill_latents):
+            raise ClipguideError(f"--refill-codes must be at most --codes ({self.codes}) and the {refill_latents} "
+                                 f"latents of --refill-pictures {self.refill_pictures}, got {self.refill_codes}")
         if self.recipe and self.recipe not in RECIPES:
             raise ClipguideError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
 
@@ -336,21 +348,47 @@ def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Gener
     return centroids
 
 
+@torch.no_grad()
+def refill(codebook: torch.Tensor, seen: torch.Tensor, fresh: torch.Tensor, n: int) -> torch.Tensor:
+    """Move the ``n`` codes of ``codebook`` [K, D] nearest to the fewest rows of ``seen`` [N, D] (the lower index
+    first among equals) onto the ``n`` rows of ``fresh`` [M, D] farthest from their nearest code; returns the new
+    codebook [K, D]. k-means spends its codes where latents are dense, and the rare edge patches that a small
+    shape's read-back depends on are left far from any code; this trades codes from crowded places for them."""
+    use = torch.bincount(nearest_codes(seen, codebook), minlength=len(codebook))
+    error = (fresh - codebook[nearest_codes(fresh, codebook)]).square().sum(1)
+    codebook = codebook.clone()
+    codebook[use.argsort(stable=True)[:n]] = fresh[error.topk(n).indices]
+    return codebook
+
+
 KMEANS_ITERATIONS = 8
 _KMEANS_BATCH = 64
 
 
+def _fresh_latents(model: VQGAN, cfg: VQGANTrainConfig, first: int, pictures: int) -> torch.Tensor:
+    """The encoder's latent rows [pictures * h * w, D] of ``pictures`` pictures drawn as batches of
+    :data:`_KMEANS_BATCH` numbered from ``cfg.steps + first`` on (after the run's last, so never trained on)."""
+    return torch.cat([
+        latent_rows(model.encode(shapes_batch(cfg.steps + first + i, min(_KMEANS_BATCH, pictures - start), SIZE,
+                                              cfg.seed)))
+        for i, start in enumerate(range(0, pictures, _KMEANS_BATCH))])
+
+
 @torch.no_grad()
 def _fit_codebook(model: VQGAN, cfg: VQGANTrainConfig, usage: torch.Tensor) -> None:
-    """Set the codebook to the k-means centroids of the encoder's latents of ``cfg.kmeans_pictures`` fresh pictures
-    (batches after the run's last, so never trained on), and mark every code used."""
-    latents = torch.cat([
-        latent_rows(model.encode(shapes_batch(cfg.steps + i, min(_KMEANS_BATCH, cfg.kmeans_pictures - start), SIZE,
-                                              cfg.seed)))
-        for i, start in enumerate(range(0, cfg.kmeans_pictures, _KMEANS_BATCH))])
-    tqdm.write(f"codebook: k-means of {len(latents):,} latents of {cfg.kmeans_pictures} pictures into "
+    """Set the codebook to the k-means centroids of the encoder's latents of ``cfg.kmeans_pictures`` fresh pictures,
+    then ``cfg.refill_rounds`` times :func:`refill` it from ``cfg.refill_pictures`` more (the usage counted over every
+    latent seen so far), and mark every code used."""
+    seen = _fresh_latents(model, cfg, 0, cfg.kmeans_pictures)
+    tqdm.write(f"codebook: k-means of {len(seen):,} latents of {cfg.kmeans_pictures} pictures into "
                f"{len(usage):,} codes")
-    model.codebook.copy_(kmeans(latents, len(usage), KMEANS_ITERATIONS, torch.Generator().manual_seed(cfg.seed)))
+    codebook = kmeans(seen, len(usage), KMEANS_ITERATIONS, torch.Generator().manual_seed(cfg.seed))
+    first = -(-cfg.kmeans_pictures // _KMEANS_BATCH)
+    for _ in tqdm(range(cfg.refill_rounds), desc="refill", leave=False):
+        fresh = _fresh_latents(model, cfg, first, cfg.refill_pictures)
+        codebook = refill(codebook, seen, fresh, cfg.refill_codes)
+        seen, first = torch.cat([seen, fresh]), first + -(-cfg.refill_pictures // _KMEANS_BATCH)
+    model.codebook.copy_(codebook)
     usage.fill_(1.0)
 
 

@@ -45,11 +45,6 @@ def check_precision(precision: str) -> None:
         raise ClipguideError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def autocast(precision: str, device: str | torch.device = "cpu") -> torch.autocast:
-    """The autocast context of ``precision`` (one of :data:`PRECISIONS`; fp32 disables it) on ``device``'s type."""
-    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
-
-
 def set_warmup_cosine_lr(optimizer: torch.optim.Optimizer, step: int, steps: int, warmup: int, lr: float) -> float:
     """Set every group's learning rate for ``step`` (0-based): linear warmup over ``warmup`` steps, then cosine decay
     to 0 at ``steps``. Returns the rate set."""

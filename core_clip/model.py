@@ -48,6 +48,11 @@ DEFAULT_MODEL = "shapes"  # the shipped ShapesWorld CLIP: what the CLI and guida
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def autocast(precision: str, device: str | torch.device = "cpu") -> torch.autocast:
+    """The autocast context of ``precision`` (a key of :data:`PRECISIONS`; fp32 disables it) on ``device``'s type."""
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Run the block with ``module`` in eval mode (batch norms on their running statistics, no dropout), then give

@@ -34,7 +34,7 @@ from .checkpoint import atomic_write, load_strict, read_state_dict, saved_settin
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
 from .errors import CheckpointError, CoreClipError, check_ranges
 from .loss import ClipLoss, SigLipLoss
-from .model import ClipModel, eval_mode, load
+from .model import PRECISIONS, ClipModel, autocast, eval_mode, load
 from .negatives import NegativeBuffer, NegativeConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -289,8 +289,8 @@ class Trainer:
                                    "align_start"))
         if cfg.negative_own and not cfg.negatives:
             raise TrainError("--negative-own needs --negatives (it chooses where negative chains start)")
-        if cfg.precision not in ("fp32", "bf16", "fp16"):
-            raise TrainError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+        if cfg.precision not in PRECISIONS:
+            raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         if cfg.loss not in ("clip", "siglip"):
             raise TrainError(f"--loss must be clip or siglip, got {cfg.loss!r}")
         if cfg.adv_norm not in ATTACK_NORMS:
@@ -349,11 +349,8 @@ class Trainer:
 
     # ------------------------------------------------------------------- step
 
-    def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+    def _autocast(self) -> torch.autocast:
+        return autocast(self.cfg.precision, self.device)
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = self.model.preprocess.normalize(batch.images.to(self.device, non_blocking=True))

@@ -217,6 +217,11 @@ def test_the_factor_sets_the_latent_grid(factor):
     (["--decoder-only"], "--decoder-only applies only with --continuous-steps; set them too"),
     (["--continuous-steps", "1", "--latent-noise=-1"], "--latent-noise must be >= 0, got -1.0"),
     (["--kmeans-pictures", "0"], "--kmeans-pictures must be > 0, got 0"),
+    (["--refill-rounds", "1"], "--refill-rounds applies only with --continuous-steps; set them too"),
+    (["--continuous-steps", "1", "--refill-rounds", "1", "--refill-codes", "2000"],
+     "--refill-codes must be at most --codes (1024) and the 262144 latents of --refill-pictures 1024, got 2000"),
+    (["--continuous-steps", "1", "--refill-rounds", "1", "--refill-pictures", "1"],
+     "--refill-codes must be at most --codes (1024) and the 256 latents of --refill-pictures 1, got 2048"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert train_vqgan.main(["--out", str(tmp_path / "run"), *argv]) == 2
@@ -347,14 +352,49 @@ def test_decoder_only_steps_leave_the_encoder_and_the_fitted_codebook_as_they_we
     assert not torch.equal(trained["post_quant_conv.weight"], at_fit["post_quant_conv.weight"])
 
 
-def test_a_run_killed_at_the_codebook_fit_resumes_exactly(crash_and_resume):
-    # the fit draws batch "steps + 0" (4) after step 2's update and before its checkpoint: the crash comes in the
-    # fit, and the run resumes from step 1's checkpoint
-    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, 4, steps=4, continuous_steps=2,
-                                         kmeans_pictures=1, batch_size=2, save_every=1, restart_every=1, warmup=1,
-                                         eval_images=0, full_steps=4, codes=16, blend=1.0, latent_noise=0.5)
+@pytest.mark.parametrize("crash_step", [4, 5])
+def test_a_run_killed_at_the_codebook_fit_resumes_exactly(crash_and_resume, crash_step):
+    # the fit draws batch "steps + 0" (4) for k-means and "steps + 1" (5) for its refill round after step 2's update
+    # and before its checkpoint: the crash comes in the fit, and the run resumes from step 1's checkpoint
+    straight, resumed = crash_and_resume(train_vqgan, VQGANTrainConfig, crash_step, steps=4, continuous_steps=2,
+                                         kmeans_pictures=1, refill_rounds=1, refill_pictures=1, refill_codes=4,
+                                         batch_size=2, save_every=1, restart_every=1, warmup=1, eval_images=0,
+                                         full_steps=4, codes=16, blend=1.0, latent_noise=0.5)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refill_moves_the_least_used_codes_onto_the_worst_served_latents():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    seen = torch.tensor([[0.1, 0.0], [-0.2, 0.0], [0.0, 0.3], [1.1, 0.0], [0.9, 0.1], [9.0, 0.0]])  # uses 3, 2, 1, 0
+    fresh = torch.tensor([[0.1, 0.0], [5.0, 5.0], [30.0, 0.0], [10.0, 0.2]])   # squared errors 0.01, 41, 100, 0.04
+    refilled = train_vqgan.refill(codebook, seen, fresh, 2)
+    assert refilled.tolist() == [[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [30.0, 0.0]]
+    assert codebook[3].tolist() == [20.0, 0.0]                  # the input is left as it was
+    # among equally used codes the lower index moves first; the farthest latent goes to the least-used code
+    refilled = train_vqgan.refill(codebook, torch.tensor([[0.0, 0.0], [20.0, 0.0]]), fresh, 1)
+    assert refilled.tolist() == [[0.0, 0.0], [30.0, 0.0], [10.0, 0.0], [20.0, 0.0]]
+
+
+def test_refill_rounds_follow_the_kmeans_fit_with_more_fresh_pictures(tmp_path):
+    """Round r refills the k-means codebook from the pictures of batch "steps + 1 + r", counting the use of each
+    code over the k-means pictures and every earlier round's."""
+    torch.manual_seed(3)
+    start = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32))
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), steps=2, continuous_steps=2, lr=0.0, batch_size=2,
+                                       warmup=1, eval_images=0, codes=16, kmeans_pictures=1, refill_rounds=2,
+                                       refill_pictures=1, refill_codes=4, seed=3))
+    with torch.no_grad():
+        latents = [start.encode(train_vqgan.shapes_batch(2 + i, 1, 64, 3)).permute(0, 2, 3, 1).reshape(-1, 32)
+                   for i in range(3)]
+    expected = train_vqgan.kmeans(latents[0], 16, train_vqgan.KMEANS_ITERATIONS, torch.Generator().manual_seed(3))
+    expected = train_vqgan.refill(expected, latents[0], latents[1], 4)
+    expected = train_vqgan.refill(expected, torch.cat(latents[:2]), latents[2], 4)
+    trained = read_state_dict(tmp_path / "run" / "vqgan.safetensors")["quantize.embedding.weight"]
+    assert torch.equal(trained, expected)
+    moved = (trained != train_vqgan.kmeans(latents[0], 16, train_vqgan.KMEANS_ITERATIONS,
+                                           torch.Generator().manual_seed(3))).any(dim=1)
+    assert 4 <= moved.sum() <= 8                       # two rounds of four (a code may move twice)
 
 
 def test_a_bf16_run_keeps_float32_weights_resumes_exactly_and_differs_from_fp32(crash_and_resume):

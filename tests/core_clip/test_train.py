@@ -146,6 +146,8 @@ def test_resume_guards(tmp_path):
             train(_cfg(tmp_path, **{name: float("nan")}))
     with pytest.raises(TrainError, match="--adv-norm must be linf or l2, got 'l1'"):
         train(_cfg(tmp_path, adv_eps=1.0, adv_norm="l1"))
+    with pytest.raises(TrainError, match="--precision must be one of fp32, fp16, bf16, got 'fp8'"):
+        train(_cfg(tmp_path, precision="fp8"))
 
 
 def test_noise_sets_the_training_pictures_pixel_noise(tmp_path):
