@@ -36,9 +36,11 @@ are, no codebook), which learns ShapesWorld far faster per minute than through q
 71.6% read back after one 29-minute run, against 36.0%); then the codebook becomes the k-means centroids
 (:func:`kmeans`) of the encoder's latents of ``--kmeans-pictures`` fresh pictures, and the remaining steps train
 through it (``--decoder-only``: the decoder alone, the encoder and the fitted codebook as they are); with N equal to
-``--steps`` the codebook is fitted after the last step and none trains through it. ``--refill-rounds R`` follows
-the k-means fit with R rounds that each move the ``--refill-codes`` least-used codes onto the latents of
-``--refill-pictures`` more pictures that are farthest from every code (:func:`refill`). ``--latent-noise S`` adds
+``--steps`` the codebook is fitted after the last step and none trains through it. ``--kmeans-flat F`` fits it to
+every edge patch's latent (:func:`edge_patches`) but only a share F of the flat patches', which are most of a
+picture and spend codes on colours the oracle reads with a wide tolerance. ``--refill-rounds R`` follows the k-means
+fit with R rounds that each move the ``--refill-codes`` least-used codes onto the latents of ``--refill-pictures``
+more pictures that are farthest from every code (:func:`refill`). ``--latent-noise S`` adds
 Gaussian noise of S times each latent channel's batch std to what the decoder sees in the first N steps: a decoder
 trained so reads codes a little off its latents as it reads the latents, and an encoder trained against it spreads
 what a code must say (the shape's exact colour above all) over its neighbours, so the codebook's snapping costs far
@@ -108,6 +110,7 @@ class VQGANTrainConfig:
     continuous_steps: int = 0
     latent_noise: float = 0.0
     kmeans_pictures: int = 1024
+    kmeans_flat: float = 1.0      # share of flat patches' latents that k-means sees (edge patches: all)
     refill_rounds: int = 0        # after k-means: rounds moving little-used codes onto badly served latents
     refill_pictures: int = 1024   # fresh pictures encoded per round
     refill_codes: int = 2048      # codes moved per round
@@ -129,7 +132,7 @@ class VQGANTrainConfig:
     def __post_init__(self) -> None:
         check_ranges(self, ClipguideError,
                      positive=("steps", "batch_size", "codes", "restart_every", "save_every", "kmeans_pictures",
-                               "refill_pictures", "refill_codes"),
+                               "kmeans_flat", "refill_pictures", "refill_codes"),
                      non_negative=("lr", "latent_noise", "texture", "blend", "outline", "shape_blend", "shape_outline",
                                    "frame", "continuous_steps", "full_steps", "warmup", "dead_usage", "eval_images",
                                    "seed", "refill_rounds"))
@@ -146,10 +149,14 @@ class VQGANTrainConfig:
                             ("--refill-rounds", self.refill_rounds)):
             if value and not self.continuous_steps:
                 raise ClipguideError(f"{flag} applies only with --continuous-steps; set them too")
+        if self.kmeans_flat > 1:
+            raise ClipguideError(f"--kmeans-flat must be at most 1, got {self.kmeans_flat}")
         per_picture = (SIZE // self.factor) ** 2
-        if self.continuous_steps and self.kmeans_pictures * per_picture < self.codes:
-            raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures} give {self.kmeans_pictures * per_picture} "
-                                 f"latents, fewer than the {self.codes} codes fitted to them")
+        fewest = int(self.kmeans_pictures * per_picture * self.kmeans_flat)  # pictures without a single edge
+        if self.continuous_steps and fewest < self.codes:
+            flat = f" with --kmeans-flat {self.kmeans_flat}" if self.kmeans_flat < 1 else ""
+            raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures}{flat} give {'as few as ' * bool(flat)}"
+                                 f"{fewest} latents, fewer than the {self.codes} codes fitted to them")
         refill_latents = self.refill_pictures * per_picture
         if self.refill_rounds and self.refill_codes > min(self.codes, refill_latents):
             raise ClipguideError(f"--refill-codes must be at most --codes ({self.codes}) and the {refill_latents} "
@@ -365,27 +372,46 @@ KMEANS_ITERATIONS = 8
 _KMEANS_BATCH = 64
 
 
-def _fresh_latents(model: VQGAN, cfg: VQGANTrainConfig, first: int, pictures: int) -> torch.Tensor:
-    """The encoder's latent rows [pictures * h * w, D] of ``pictures`` pictures drawn as batches of
-    :data:`_KMEANS_BATCH` numbered from ``cfg.steps + first`` on (after the run's last, so never trained on)."""
-    return torch.cat([
-        latent_rows(model.encode(shapes_batch(cfg.steps + first + i, min(_KMEANS_BATCH, pictures - start), SIZE,
-                                              cfg.seed)))
-        for i, start in enumerate(range(0, pictures, _KMEANS_BATCH))])
+EDGE_RANGE = 0.1   # a patch whose pixels span more than this (of [-1, 1], 13/255) in some channel holds an edge
+
+
+def edge_patches(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Which ``factor`` x ``factor`` patches of the pictures ``x`` [B, 3, H, W] in [-1, 1] hold an edge (their pixels
+    span more than :data:`EDGE_RANGE` in some channel): bool [B * H/factor * W/factor], in :func:`latent_rows` order,
+    so one flag per latent of the patch."""
+    patches = F.unfold(x, factor, stride=factor).unflatten(1, (x.shape[1], factor * factor))  # [B, C, f * f, L]
+    return ((patches.amax(2) - patches.amin(2)).amax(1) > EDGE_RANGE).flatten()
+
+
+def _fresh_latents(model: VQGAN, cfg: VQGANTrainConfig, first: int, pictures: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The encoder's latent rows [N, D] of ``pictures`` pictures drawn as batches of :data:`_KMEANS_BATCH` numbered
+    from ``cfg.steps + first`` on (after the run's last, so never trained on): every edge patch's latent and each flat
+    patch's with probability ``cfg.kmeans_flat``."""
+    rows = []
+    for i, start in enumerate(range(0, pictures, _KMEANS_BATCH)):
+        x = shapes_batch(cfg.steps + first + i, min(_KMEANS_BATCH, pictures - start), SIZE, cfg.seed)
+        z = latent_rows(model.encode(x))
+        if cfg.kmeans_flat < 1:
+            z = z[edge_patches(x, cfg.factor) | (torch.rand(len(z), generator=generator) < cfg.kmeans_flat)]
+        rows.append(z)
+    return torch.cat(rows)
 
 
 @torch.no_grad()
 def _fit_codebook(model: VQGAN, cfg: VQGANTrainConfig, usage: torch.Tensor) -> None:
-    """Set the codebook to the k-means centroids of the encoder's latents of ``cfg.kmeans_pictures`` fresh pictures,
-    then ``cfg.refill_rounds`` times :func:`refill` it from ``cfg.refill_pictures`` more (the usage counted over every
-    latent seen so far), and mark every code used."""
-    seen = _fresh_latents(model, cfg, 0, cfg.kmeans_pictures)
+    """Set the codebook to the k-means centroids of the encoder's latents of ``cfg.kmeans_pictures`` fresh pictures
+    (with only ``cfg.kmeans_flat`` of the flat patches': a flat picture is mostly the same few latents, which k-means
+    would spend codes on that the rare edge patches need), then ``cfg.refill_rounds`` times :func:`refill` it from
+    ``cfg.refill_pictures`` more (the usage counted over every latent seen so far), and mark every code used."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    seen = _fresh_latents(model, cfg, 0, cfg.kmeans_pictures, generator)
     tqdm.write(f"codebook: k-means of {len(seen):,} latents of {cfg.kmeans_pictures} pictures into "
                f"{len(usage):,} codes")
-    codebook = kmeans(seen, len(usage), KMEANS_ITERATIONS, torch.Generator().manual_seed(cfg.seed))
+    codebook = kmeans(seen, len(usage), KMEANS_ITERATIONS, generator)
     first = -(-cfg.kmeans_pictures // _KMEANS_BATCH)
     for _ in tqdm(range(cfg.refill_rounds), desc="refill", leave=False):
-        fresh = _fresh_latents(model, cfg, first, cfg.refill_pictures)
+        fresh = _fresh_latents(model, cfg, first, cfg.refill_pictures, generator)
         codebook = refill(codebook, seen, fresh, cfg.refill_codes)
         seen, first = torch.cat([seen, fresh]), first + -(-cfg.refill_pictures // _KMEANS_BATCH)
     model.codebook.copy_(codebook)

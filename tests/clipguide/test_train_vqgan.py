@@ -218,6 +218,11 @@ def test_the_factor_sets_the_latent_grid(factor):
     (["--continuous-steps", "1", "--latent-noise=-1"], "--latent-noise must be >= 0, got -1.0"),
     (["--kmeans-pictures", "0"], "--kmeans-pictures must be > 0, got 0"),
     (["--refill-rounds", "1"], "--refill-rounds applies only with --continuous-steps; set them too"),
+    (["--kmeans-flat", "1.5"], "--kmeans-flat must be at most 1, got 1.5"),
+    (["--kmeans-flat", "0"], "--kmeans-flat must be > 0, got 0.0"),
+    (["--continuous-steps", "1", "--codes", "32768", "--kmeans-flat", "0.1"],
+     "--kmeans-pictures 1024 with --kmeans-flat 0.1 give as few as 26214 latents, fewer than the 32768 codes fitted "
+     "to them"),
     (["--continuous-steps", "1", "--refill-rounds", "1", "--refill-codes", "2000"],
      "--refill-codes must be at most --codes (1024) and the 262144 latents of --refill-pictures 1024, got 2000"),
     (["--continuous-steps", "1", "--refill-rounds", "1", "--refill-pictures", "1"],
@@ -362,6 +367,36 @@ def test_a_run_killed_at_the_codebook_fit_resumes_exactly(crash_and_resume, cras
                                          full_steps=4, codes=16, blend=1.0, latent_noise=0.5)
     a, b = read_state_dict(straight / "vqgan.safetensors"), read_state_dict(resumed / "vqgan.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_edge_patches_flag_the_patches_whose_pixels_span_more_than_the_edge_range():
+    x = torch.full((2, 3, 8, 12), -0.5)
+    x[0, 1, 5, 2] += 0.2             # picture 0: one pixel in patch (row 1, column 0) of its 2 x 3 grid of 4 px
+    x[1, 0, 0:4, 10:12] += 0.05      # picture 1: patch (0, 2) changes, but by less than the edge range
+    x[1, 2, 7, 11] = 1.0             # and patch (1, 2) holds a bright corner
+    flags = train_vqgan.edge_patches(x, 4)
+    assert flags.tolist() == [False, False, False, True, False, False] + [False, False, False, False, False, True]
+    assert train_vqgan.edge_patches(x, 2).sum() == 2  # the same two pixels, in 2 px patches
+
+
+def test_kmeans_flat_keeps_every_edge_latent_and_a_share_of_the_flat_ones(tmp_path, monkeypatch):
+    fitted = []
+    monkeypatch.setattr(train_vqgan, "kmeans", lambda points, *args: fitted.append(points) or points[:args[0]])
+    torch.manual_seed(3)
+    start = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32))
+    train_vqgan.train(VQGANTrainConfig(out=str(tmp_path / "run"), steps=1, continuous_steps=1, lr=0.0, batch_size=2,
+                                       warmup=1, eval_images=0, codes=16, kmeans_pictures=4, kmeans_flat=0.2, seed=3))
+    with torch.no_grad():
+        pictures = train_vqgan.shapes_batch(1, 4, 64, 3)
+        latents = start.encode(pictures).permute(0, 2, 3, 1).reshape(-1, 32)
+    edges = train_vqgan.edge_patches(pictures, 4)
+    points = fitted[0]
+    kept = (points[:, None] == latents[None]).all(-1)       # [kept, all]: which latent each point is
+    assert kept.any(1).all() and (kept.sum(0) <= 1).all()    # the points are latents, each at most once
+    kept = kept.any(0)
+    assert kept[edges].all()                                 # every edge patch's latent
+    flat_share = kept[~edges].float().mean().item()
+    assert 0 < edges.sum() < len(edges) and 0.1 < flat_share < 0.3   # and about a fifth of the flat ones
 
 
 def test_refill_moves_the_least_used_codes_onto_the_worst_served_latents():
