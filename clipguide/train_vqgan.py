@@ -154,9 +154,9 @@ class VQGANTrainConfig:
         per_picture = (SIZE // self.factor) ** 2
         fewest = int(self.kmeans_pictures * per_picture * self.kmeans_flat)  # pictures without a single edge
         if self.continuous_steps and fewest < self.codes:
-            flat = f" with --kmeans-flat {self.kmeans_flat}" if self.kmeans_flat < 1 else ""
-            raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures}{flat} give {'as few as ' * bool(flat)}"
-                                 f"{fewest} latents, fewer than the {self.codes} codes fitted to them")
+            give = f"with --kmeans-flat {self.kmeans_flat} give as few as" if self.kmeans_flat < 1 else "give"
+            raise ClipguideError(f"--kmeans-pictures {self.kmeans_pictures} {give} {fewest} latents, fewer than the "
+                                 f"{self.codes} codes fitted to them")
         refill_latents = self.refill_pictures * per_picture
         if self.refill_rounds and self.refill_codes > min(self.codes, refill_latents):
             raise ClipguideError(f"--refill-codes must be at most --codes ({self.codes}) and the {refill_latents} "
