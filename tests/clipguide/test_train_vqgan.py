@@ -1,4 +1,6 @@
 """The shipped VQGAN's training script: dead-code restarts and an exact resume after a crash."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from clipguide.errors import ClipguideError
 from clipguide.train_vqgan import (VQGANTrainConfig, _restart_dead_codes, blend_error, frame_error,
                                     outline_error, shape_blend_error, shape_outline_error, shapes_ddconfig,
                                     texture_error)
-from clipguide.vqgan_model import VQGAN, VQGANConfig
+from clipguide.vqgan_model import VQGAN, VQGANConfig, latent_rows, load_vqgan
 from core_clip import CheckpointError
 from core_clip.checkpoint import read_state_dict
 
@@ -225,6 +227,13 @@ def test_the_factor_sets_the_latent_grid(factor):
      "to them"),
     (["--continuous-steps", "1", "--refill-rounds", "1", "--refill-codes", "2000"],
      "--refill-codes must be at most --codes (1024) and the 262144 latents of --refill-pictures 1024, got 2000"),
+    (["--continuous-steps", "1", "--code-dims", "8"],
+     "--code-dims applies only to a codebook fitted after the last step; set --continuous-steps to --steps (3300)"),
+    (["--steps", "5", "--continuous-steps", "5", "--code-dims", "33"],
+     "--code-dims must be at most the 32 latent channels, got 33"),
+    (["--code-dims=-1"], "--code-dims must be >= 0, got -1"),
+    (["--kmeans-groups", "0"], "--kmeans-groups must be > 0, got 0"),
+    (["--kmeans-groups", "2000"], "--kmeans-groups must be at most --codes (1024), got 2000"),
     (["--continuous-steps", "1", "--refill-rounds", "1", "--refill-pictures", "1"],
      "--refill-codes must be at most --codes (1024) and the 256 latents of --refill-pictures 1, got 2048"),
 ])
@@ -430,6 +439,83 @@ def test_refill_rounds_follow_the_kmeans_fit_with_more_fresh_pictures(tmp_path):
     moved = (trained != train_vqgan.kmeans(latents[0], 16, train_vqgan.KMEANS_ITERATIONS,
                                            torch.Generator().manual_seed(3))).any(dim=1)
     assert 4 <= moved.sum() <= 8                       # two rounds of four (a code may move twice)
+
+
+def test_shares_split_the_codes_in_proportion_by_largest_remainders():
+    assert train_vqgan._shares(torch.tensor([5, 3, 2]), 4).tolist() == [2, 1, 1]    # 2.0, 1.2, 0.8
+    assert train_vqgan._shares(torch.tensor([1, 1, 1]), 2).tolist() == [1, 1, 0]    # ties: the lower index first
+    assert train_vqgan._shares(torch.tensor([7, 0, 3]), 10).tolist() == [7, 0, 3]
+    counts = torch.randint(0, 50, (200,), generator=torch.Generator().manual_seed(0))
+    shares = train_vqgan._shares(counts, 1000)
+    assert shares.sum() == 1000 and (shares <= counts).all() and ((shares - counts * 1000 / counts.sum()).abs() < 1).all()
+
+
+def sorted_rows(rows: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(sorted(rows.tolist()))
+
+
+def test_grouped_kmeans_splits_the_codes_between_coarse_groups_by_their_points():
+    # two far groups: 6 points in three tight pairs near the origin, 2 points far away; 4 codes go 3 : 1
+    points = torch.tensor([[0.0, 0.0], [0.0, 0.2], [0.0, 3.0], [0.0, 3.2], [3.0, 0.0], [3.2, 0.0],
+                           [100.0, 0.0], [100.0, 0.4]])
+    for seed in range(5):   # whichever points the coarse k-means starts from
+        centroids = sorted_rows(train_vqgan.grouped_kmeans(points, 4, 2, 8, torch.Generator().manual_seed(seed)))
+        assert (centroids[:3, 0] < 5).all() and torch.allclose(centroids[3], torch.tensor([100.0, 0.2]))
+    # within a group it is Lloyd's k-means, local minima and all: from seed 0's starts it finds the three pairs
+    centroids = train_vqgan.grouped_kmeans(points, 4, 2, 8, torch.Generator().manual_seed(0))
+    assert torch.allclose(sorted_rows(centroids), torch.tensor([[0.0, 0.1], [0.0, 3.1], [3.1, 0.0], [100.0, 0.2]]))
+    # a group too small for a share of the codes gets none; its points are left to the nearest other group's codes
+    lonely = torch.cat([points[:6], torch.tensor([[100.0, 0.0]])])
+    centroids = train_vqgan.grouped_kmeans(lonely, 3, 2, 8, torch.Generator().manual_seed(0))
+    assert torch.allclose(sorted_rows(centroids), torch.tensor([[0.0, 0.1], [0.0, 3.1], [3.1, 0.0]]))
+
+
+def test_principal_axes_match_the_singular_vectors():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(500, 6, generator=g) * torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1]) @ torch.linalg.qr(
+        torch.randn(6, 6, generator=g))[0] + 7
+    mean, axes = train_vqgan.principal_axes(rows, 3)
+    reference = torch.linalg.svd(rows - rows.mean(0), full_matrices=False).Vh[:3]
+    assert torch.allclose(mean, rows.mean(0))
+    assert torch.allclose((axes * reference).sum(1).abs(), torch.ones(3), atol=1e-4)   # the same axes, up to sign
+    assert torch.allclose(axes @ axes.T, torch.eye(3), atol=1e-5)
+
+
+def test_a_folded_vqgan_codes_the_projected_latents_and_decodes_them_as_the_original_would():
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32)).eval()
+    x = train_vqgan.shapes_batch(0, 2, 64, 0)
+    with torch.no_grad():
+        z = model.encode(x)
+        mean, axes = train_vqgan.principal_axes(latent_rows(z), 5)
+        folded = train_vqgan.fold_projection(model, mean, axes)
+        assert folded.config.embed_dim == 5 and folded.codebook.shape == (16, 5)
+        coordinates = folded.encode(x)
+        assert torch.allclose(latent_rows(coordinates), (latent_rows(z) - mean) @ axes.T, atol=1e-5)
+        in_span = (latent_rows(coordinates) @ axes + mean).reshape(2, 16, 16, 32).permute(0, 3, 1, 2)
+        assert torch.allclose(folded.decode(coordinates), model.decode(in_span), atol=1e-4)
+        # quantised: the folded model's codes, lifted into the original space, serve the original the same way
+        model.codebook.copy_(folded.codebook @ axes + mean)
+        assert torch.equal(folded.quantize_st(coordinates)[2], model.quantize_st(z)[2])
+        assert torch.allclose(folded(x)[0], model(x)[0], atol=1e-4)
+
+
+def test_code_dims_fold_the_run_and_fit_its_codes_in_groups(tmp_path):
+    torch.manual_seed(3)
+    start = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(), n_embed=16, embed_dim=32))
+    config = VQGANTrainConfig(out=str(tmp_path / "run"), steps=2, continuous_steps=2, lr=0.0, batch_size=2, warmup=1,
+                              eval_images=0, codes=16, kmeans_pictures=1, code_dims=4, kmeans_groups=3, seed=3)
+    trained = train_vqgan.train(config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # batch "steps + 0", as the k-means test above spells it out
+        latents = train_vqgan._fresh_latents(start, config, 0, 1, generator)
+    mean, axes = train_vqgan.principal_axes(latents, 4)
+    expected = train_vqgan.grouped_kmeans((latents - mean) @ axes.T, 16, 3, train_vqgan.KMEANS_ITERATIONS, generator)
+    saved = load_vqgan(str(tmp_path / "run" / "vqgan.safetensors"))
+    assert saved.config.embed_dim == 4 and torch.equal(saved.codebook, expected)
+    assert torch.equal(trained.codebook, expected)
+    resumed = train_vqgan.train(replace(config, resume=True))      # a finished run resumes as its folded self
+    assert torch.equal(resumed.codebook, expected)
 
 
 def test_a_bf16_run_keeps_float32_weights_resumes_exactly_and_differs_from_fp32(crash_and_resume):
