@@ -1,6 +1,6 @@
 """Train the shipped ShapesWorld VQGAN (taming architecture; reconstruction + codebook losses, nothing downloaded).
 
-    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: 13 runs in a row
+    python -m clipguide.train_vqgan --out runs/vqgan --recipe shapes     # the shipped model: one 28-minute run
     cp runs/vqgan/vqgan.safetensors clipguide/weights/vqgan-shapes.safetensors
     cp runs/vqgan/vqgan.json clipguide/weights/vqgan-shapes.json
 
@@ -12,24 +12,22 @@ encoder has stopped choosing (a running usage count below ``--dead-usage``) are 
 steps onto latents of the current batch, so the whole codebook stays in use. ``--codes`` sets the codebook size
 and ``--factor`` the downsampling factor (2, 4 or 8: a 64 px picture becomes a grid of 32, 16 or 8 codes a side).
 
-The shipped model then takes 300 more whole-picture steps with ``--texture 1``: the error of neighbour differences
-(:func:`texture_error`), which penalises the faint texture that the oracle rejects on flat colours far more than the
-pixel error does; and 600 more with ``--blend 4`` as well: each pixel's distance from the segment between its
+Besides the pixel error, the whole-picture steps can weigh terms aimed at what the oracle rejects: ``--texture``, the
+error of neighbour differences (:func:`texture_error`), which penalises the faint texture that the oracle rejects on
+flat colours far more than the pixel error does; ``--blend``, each pixel's distance from the segment between its
 picture's two colours (:func:`blend_error`), which an anti-aliased edge whose channels change at different places
-is far from; then 600 with ``--outline 4``, the error of the shape's sharpened coverage in units of the picture's
-contrast (:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
-then twice 600 with ``--shape-blend 0.3``, the blend error averaged over the shape's own pixels
-(:func:`shape_blend_error`: the share the oracle tests, which a small shape's edge fails unseen by the whole-picture
-mean); then twice 600 at a lower learning rate with ``--frame 2`` as well, the error of the picture's outer 3-pixel
-frame (:func:`frame_error`), which the decoder's zero padding leaves off around large shapes; then the same with the
-codebook grown to 8,192 and then 32,768 codes (twice): the decoder can draw a small triangle's corners (continuous
-latents fitted to 40 misread pictures read back right in 39), but 1,024 codes could not say where they are; and last
-twice with ``--shape-outline 0.5`` as well, the outline error averaged over each shape's own pixels
-(:func:`shape_outline_error`), where the smallest triangles, most of what still failed, weigh as much as large shapes.
-The blend, outline, shape-blend, shape-outline and frame terms read the background off the picture's frame, so they
-apply only to the whole-picture steps of a run that also trains on crops. ``--init PATH`` starts a run from a saved
-VQGAN of the same architecture, or with fewer codes: its codebook fills the first rows, and the first restart moves
-the new codes onto batch latents.
+is far from; ``--outline``, the error of the shape's sharpened coverage in units of the picture's contrast
+(:func:`outline_error`: the outline that the oracle fits shapes to, a small triangle's corners above all);
+``--shape-blend``, the blend error averaged over the shape's own pixels (:func:`shape_blend_error`: the share the
+oracle tests, which a small shape's edge fails unseen by the whole-picture mean); ``--frame``, the error of the
+picture's outer 3-pixel frame (:func:`frame_error`), which the decoder's zero padding leaves off around large
+shapes; and ``--shape-outline``, the outline error averaged over each shape's own pixels
+(:func:`shape_outline_error`), where the smallest triangles weigh as much as large shapes. The blend, outline,
+shape-blend, shape-outline and frame terms read the background off the picture's frame, so they apply only to the
+whole-picture steps of a run that also trains on crops. The VQGAN shipped before (``--recipe shapes-13``) added them
+one run at a time, 13 runs and 260 minutes in all, growing its codebook from 1,024 to 32,768 codes on the way:
+``--init PATH`` starts a run from a saved VQGAN of the same architecture, or with fewer codes (its codebook fills the
+first rows, and the first restart moves the new codes onto batch latents).
 
 ``--continuous-steps N`` trains the first N steps as a plain autoencoder (the encoder's latents decoded as they
 are, no codebook), which learns ShapesWorld far faster per minute than through quantisation (the README's table:
@@ -40,7 +38,11 @@ through it (``--decoder-only``: the decoder alone, the encoder and the fitted co
 every edge patch's latent (:func:`edge_patches`) but only a share F of the flat patches', which are most of a
 picture and spend codes on colours the oracle reads with a wide tolerance. ``--refill-rounds R`` follows the k-means
 fit with R rounds that each move the ``--refill-codes`` least-used codes onto the latents of ``--refill-pictures``
-more pictures that are farthest from every code (:func:`refill`). ``--latent-noise S`` adds
+more pictures that are farthest from every code (:func:`refill`). ``--code-dims D`` (for a codebook fitted after
+the last step) puts the codes on the first D principal axes of those latents, folded into quant_conv and
+post_quant_conv (:func:`fold_projection`), and ``--kmeans-groups G`` fits them within G coarse groups
+(:func:`grouped_kmeans`), which so many low-dimensional codes need: the shipped VQGAN's 131,072 codes of 6
+dimensions take the bytes of 24,576 codes of 32. ``--latent-noise S`` adds
 Gaussian noise of S times each latent channel's batch std to what the decoder sees in the first N steps: a decoder
 trained so reads codes a little off its latents as it reads the latents, and an encoder trained against it spreads
 what a code must say (the shape's exact colour above all) over its neighbours, so the codebook's snapping costs far
@@ -182,7 +184,12 @@ _FRAME = dict(_SHAPE, lr=3e-4, frame=2.0)
 
 #: Named chains of runs (``--recipe``): each stage's settings, on top of the defaults and the command line's.
 RECIPES: dict[str, tuple[dict, ...]] = {
-    "shapes": (                                                      # the shipped VQGAN (README: minutes per stage)
+    "shapes": (                                                      # the shipped VQGAN: one 28-minute run (README)
+        dict(steps=7350, crop=32, full_steps=2350, lr=3e-3, warmup=50, seed=0, texture=1.0, blend=4.0, outline=4.0,
+             shape_blend=0.3, shape_outline=0.5, frame=2.0, continuous_steps=7350, latent_noise=0.35, codes=131072,
+             code_dims=6, kmeans_pictures=4608, kmeans_flat=0.25, kmeans_groups=256, precision="bf16", compile=True),
+    ),
+    "shapes-13": (                                                   # the VQGAN shipped before: 260 minutes
         dict(steps=3300, crop=32, full_steps=700, lr=3e-3, warmup=50, seed=0),  # 32 px crops, then whole pictures
         dict(_WHOLE, steps=300, full_steps=300, seed=1),             # + texture
         dict(_SHAPE, outline=0.0, shape_blend=0.0, seed=2),          # + blend

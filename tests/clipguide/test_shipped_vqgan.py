@@ -37,7 +37,7 @@ def test_shipped_vqgan_reconstructs_fresh_pictures_closely():
         recon, _ = model(x)
     error = (recon.clamp(-1, 1) - x).abs() * 127.5      # in 0..255 levels
     assert error.mean() < 1.8
-    assert error.median() < 0.8
+    assert error.median() < 1.0
 
 
 def test_oracle_reads_shipped_reconstructions_as_the_originals():

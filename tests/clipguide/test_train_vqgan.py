@@ -272,7 +272,7 @@ def test_a_recipe_killed_in_its_second_stage_resumes_exactly(crash_and_resume, m
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "shapes", "--steps", "5"], "--recipe shapes sets --steps itself; leave it out"),
     (["--recipe", "shapes", "--seed", "3", "--lr", "1"], "--recipe shapes sets --lr, --seed itself; leave them out"),
-    (["--recipe", "imagenet"], "--recipe must be one of shapes, got 'imagenet'"),
+    (["--recipe", "imagenet"], "--recipe must be one of shapes, shapes-13, got 'imagenet'"),
 ])
 def test_bad_recipe_settings_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert train_vqgan.main(["--out", str(tmp_path / "run"), *argv]) == 2
