@@ -138,9 +138,9 @@ class VQGANTrainConfig:
         check_ranges(self, ClipguideError,
                      positive=("steps", "batch_size", "codes", "restart_every", "save_every", "kmeans_pictures",
                                "kmeans_flat", "kmeans_groups", "refill_pictures", "refill_codes"),
-                     non_negative=("code_dims", "lr", "latent_noise", "texture", "blend", "outline", "shape_blend", "shape_outline",
+                     non_negative=("lr", "latent_noise", "texture", "blend", "outline", "shape_blend", "shape_outline",
                                    "frame", "continuous_steps", "full_steps", "warmup", "dead_usage", "eval_images",
-                                   "seed", "refill_rounds"))
+                                   "seed", "refill_rounds", "code_dims"))
         check_precision(self.precision)
         if self.factor not in FACTORS:
             raise ClipguideError(f"--factor must be one of {', '.join(map(str, FACTORS))}, got {self.factor}")
@@ -545,7 +545,7 @@ def train(cfg: VQGANTrainConfig) -> VQGAN:
     out.mkdir(parents=True, exist_ok=True)
     state = load_resume_state(out, cfg) if cfg.resume else None
     start = state["step"] if state else 0
-    folded = cfg.code_dims and start == cfg.steps  # a finished --code-dims run saved its folded model
+    folded = bool(cfg.code_dims) and start == cfg.steps  # a finished --code-dims run saved its folded model
     model = VQGAN(VQGANConfig(ddconfig=shapes_ddconfig(cfg.factor), n_embed=cfg.codes,
                               embed_dim=cfg.code_dims if folded else LATENT_CHANNELS))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
