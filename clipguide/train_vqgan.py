@@ -39,8 +39,8 @@ every edge patch's latent (:func:`edge_patches`) but only a share F of the flat 
 picture and spend codes on colours the oracle reads with a wide tolerance. ``--refill-rounds R`` follows the k-means
 fit with R rounds that each move the ``--refill-codes`` least-used codes onto the latents of ``--refill-pictures``
 more pictures that are farthest from every code (:func:`refill`). ``--code-dims D`` (for a codebook fitted after
-the last step) puts the codes on the first D principal axes of those latents, folded into quant_conv and
-post_quant_conv (:func:`fold_projection`), and ``--kmeans-groups G`` fits them within G coarse groups
+the last step) puts the codes on the first D principal axes of those latents, scaled to a spread of about 1 and
+folded into quant_conv and post_quant_conv (:func:`fold_projection`), and ``--kmeans-groups G`` fits them within G coarse groups
 (:func:`grouped_kmeans`), which so many low-dimensional codes need: the shipped VQGAN's 131,072 codes of 6
 dimensions take the bytes of 24,576 codes of 32. ``--latent-noise S`` adds
 Gaussian noise of S times each latent channel's batch std to what the decoder sees in the first N steps: a decoder
@@ -62,6 +62,7 @@ atomically every ``--save-every`` steps.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -405,21 +406,31 @@ def principal_axes(rows: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.T
     return rows.mean(0), vectors.flip(1)[:, :dims].T.float().contiguous()
 
 
+def unit_scale(coordinates: torch.Tensor) -> float:
+    """The power of two nearest 1 / the rms spread of ``coordinates`` [N, d] about their mean: scaled by it, they
+    spread about as far as the latents that guidance's learning rates are set for (the VQGAN backend's Adam steps
+    of 0.1). Scaling floats by a power of two is exact, so k-means and the nearest-code search choose the same codes
+    as they would unscaled."""
+    return 2.0 ** -round(math.log2(coordinates.var(0, correction=0).mean().sqrt().item()))
+
+
 @torch.no_grad()
-def fold_projection(model: VQGAN, mean: torch.Tensor, axes: torch.Tensor) -> VQGAN:
-    """A copy of ``model`` whose code space is ``axes`` [d, D] (orthonormal rows) through ``mean`` [D]: its
-    quant_conv gives the coordinates ``(z - mean) @ axes.T`` [B, d, h, w] of the latents z [B, D, h, w], and its
-    post_quant_conv reads coordinates c as ``mean + c @ axes`` would be read, so a latent in that subspace decodes
-    exactly as before: a taming VQModel with ``embed_dim`` d, whose codes are the old ones' coordinates. The
-    encoder's latents hold almost all their variance in a few directions (the shapes VQGAN: 99.99% in 8 of 32),
-    so the same bytes hold several times the codes."""
+def fold_projection(model: VQGAN, mean: torch.Tensor, axes: torch.Tensor, scale: float = 1.0) -> VQGAN:
+    """A copy of ``model`` whose code space is ``axes`` [d, D] (orthonormal rows) through ``mean`` [D], in units of
+    ``1 / scale``: its quant_conv gives the coordinates ``scale * (z - mean) @ axes.T`` [B, d, h, w] of the latents
+    z [B, D, h, w], and its post_quant_conv reads coordinates c as ``mean + c @ axes / scale`` would be read, so a
+    latent in that subspace decodes exactly as before: a taming VQModel with ``embed_dim`` d, whose codes are the
+    old ones' coordinates. The encoder's latents hold almost all their variance in a few directions (the shapes
+    VQGAN: 99.99% in 8 of 32), so the same bytes hold several times the codes."""
     folded = VQGAN(replace(model.config, embed_dim=len(axes)))
     state = model.state_dict()
     enc_w, enc_b = state["quant_conv.weight"].flatten(1), state["quant_conv.bias"]
     dec_w, dec_b = state["post_quant_conv.weight"].flatten(1), state["post_quant_conv.bias"]
-    state.update({"quant_conv.weight": (axes @ enc_w)[:, :, None, None], "quant_conv.bias": axes @ (enc_b - mean),
-                  "post_quant_conv.weight": (dec_w @ axes.T)[:, :, None, None],
-                  "post_quant_conv.bias": dec_w @ mean + dec_b, _CODEBOOK: (state[_CODEBOOK] - mean) @ axes.T})
+    state.update({"quant_conv.weight": (axes @ enc_w)[:, :, None, None] * scale,
+                  "quant_conv.bias": (axes @ (enc_b - mean)) * scale,
+                  "post_quant_conv.weight": (dec_w @ axes.T)[:, :, None, None] / scale,
+                  "post_quant_conv.bias": dec_w @ mean + dec_b,
+                  _CODEBOOK: ((state[_CODEBOOK] - mean) @ axes.T) * scale})
     load_strict(folded, state, "the folded VQGAN")
     return folded
 
@@ -474,12 +485,15 @@ def _fit_codebook(model: VQGAN, cfg: VQGANTrainConfig, usage: torch.Tensor) -> V
     would spend codes on that the rare edge patches need; in ``cfg.kmeans_groups`` groups), then
     ``cfg.refill_rounds`` times :func:`refill` it from ``cfg.refill_pictures`` more (the usage counted over every
     latent seen so far), and mark every code used. With ``cfg.code_dims``, the codes live on the first principal
-    axes of those latents (:func:`fold_projection`). Returns the model with its codebook (a new one when folded)."""
+    axes of those latents, scaled to a spread about 1 (:func:`fold_projection`, :func:`unit_scale`). Returns the model
+    with its codebook (a new one when folded)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     seen = _fresh_latents(model, cfg, 0, cfg.kmeans_pictures, generator)
     if cfg.code_dims:
         mean, axes = principal_axes(seen, cfg.code_dims)
-        model, seen = fold_projection(model, mean, axes), (seen - mean) @ axes.T
+        seen = (seen - mean) @ axes.T
+        scale = unit_scale(seen)  # the continuous latents' scale drifts freely: the shapes VQGAN's spread 62
+        model, seen = fold_projection(model, mean, axes, scale), seen * scale
     tqdm.write(f"codebook: k-means of {len(seen):,} latents of {cfg.kmeans_pictures} pictures into "
                f"{len(usage):,} codes of {seen.shape[1]} dimensions")
     codebook = (grouped_kmeans(seen, len(usage), cfg.kmeans_groups, KMEANS_ITERATIONS, generator)

@@ -499,6 +499,19 @@ def test_a_folded_vqgan_codes_the_projected_latents_and_decodes_them_as_the_orig
         model.codebook.copy_(folded.codebook @ axes + mean)
         assert torch.equal(folded.quantize_st(coordinates)[2], model.quantize_st(z)[2])
         assert torch.allclose(folded(x)[0], model(x)[0], atol=1e-4)
+        # in units of 1 / scale: the coordinates scale, the pictures stay
+        quarter = train_vqgan.fold_projection(model, mean, axes, scale=0.25)
+        assert torch.allclose(quarter.encode(x), coordinates * 0.25, atol=1e-5)
+        assert torch.allclose(quarter.codebook, folded.codebook * 0.25, atol=1e-5)
+        assert torch.allclose(quarter.decode(coordinates * 0.25), folded.decode(coordinates), atol=1e-4)
+
+
+def test_unit_scale_is_the_power_of_two_nearest_the_inverse_spread():
+    unit = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])                 # spread 1 about the mean (0, 0)
+    assert train_vqgan.unit_scale(unit * 62 + 5) == 1 / 64         # log2 62 = 5.95
+    assert train_vqgan.unit_scale(unit * 3) == 1 / 4                # log2 3 = 1.58
+    assert train_vqgan.unit_scale(unit * 0.3) == 4.0                # log2 0.3 = -1.74
+    assert train_vqgan.unit_scale(unit) == 1.0
 
 
 def test_code_dims_fold_the_run_and_fit_its_codes_in_groups(tmp_path):
@@ -511,7 +524,9 @@ def test_code_dims_fold_the_run_and_fit_its_codes_in_groups(tmp_path):
     with torch.no_grad():   # batch "steps + 0", as the k-means test above spells it out
         latents = train_vqgan._fresh_latents(start, config, 0, 1, generator)
     mean, axes = train_vqgan.principal_axes(latents, 4)
-    expected = train_vqgan.grouped_kmeans((latents - mean) @ axes.T, 16, 3, train_vqgan.KMEANS_ITERATIONS, generator)
+    coordinates = (latents - mean) @ axes.T
+    coordinates = coordinates * train_vqgan.unit_scale(coordinates)
+    expected = train_vqgan.grouped_kmeans(coordinates, 16, 3, train_vqgan.KMEANS_ITERATIONS, generator)
     saved = load_vqgan(str(tmp_path / "run" / "vqgan.safetensors"))
     assert saved.config.embed_dim == 4 and torch.equal(saved.codebook, expected)
     assert torch.equal(trained.codebook, expected)
