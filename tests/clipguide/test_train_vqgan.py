@@ -350,8 +350,9 @@ def test_decoder_only_steps_leave_the_encoder_and_the_fitted_codebook_as_they_we
     real_fit = train_vqgan._fit_codebook
 
     def fit(model, *args):
-        real_fit(model, *args)
+        model = real_fit(model, *args)
         at_fit.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
 
     monkeypatch.setattr(train_vqgan, "_fit_codebook", fit)
     model = train_vqgan.train(VQGANTrainConfig(
