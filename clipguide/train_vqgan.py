@@ -42,7 +42,8 @@ more pictures that are farthest from every code (:func:`refill`). ``--code-dims 
 the last step) puts the codes on the first D principal axes of those latents, scaled to a spread of about 1 and
 folded into quant_conv and post_quant_conv (:func:`fold_projection`), and ``--kmeans-groups G`` fits them within
 G coarse groups (:func:`grouped_kmeans`), which so many low-dimensional codes need: the shipped VQGAN's 131,072
-codes of 6 dimensions take the bytes of 24,576 codes of 32. ``--latent-noise S`` adds Gaussian noise of S times each latent channel's batch std to what the decoder sees in the first N steps: a decoder
+codes of 6 dimensions take the bytes of 24,576 codes of 32. ``--latent-noise S`` adds Gaussian noise of S times
+each latent channel's batch std to what the decoder sees in the first N steps: a decoder
 trained so reads codes a little off its latents as it reads the latents, and an encoder trained against it spreads
 what a code must say (the shape's exact colour above all) over its neighbours, so the codebook's snapping costs far
 less (README: 86.6% read back against 69.2% for the same 16 minutes).
