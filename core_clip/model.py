@@ -46,6 +46,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _FOLDER_WEIGHTS = (WEIGHTS_NAME, "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 DEFAULT_MODEL = "shapes"  # the shipped ShapesWorld CLIP: what the CLI and guidance use offline
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE_ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}  # smooth stand-ins for an image tower's ReLUs
 
 
 def autocast(precision: str, device: str | torch.device = "cpu") -> torch.autocast:
@@ -77,6 +78,9 @@ class ModelConfig:
 
     ``match_score``: the CLIP score (``100 * cos``) that 99% of true image-caption pairs of the model's own data
     reach, recorded by ``core-clip calibrate``; None when uncalibrated. Guidance retries pictures scoring below it.
+
+    ``image_activation``: a key of :data:`IMAGE_ACTIVATIONS` that replaces every ReLU of the image tower (a
+    ResNet's), so that its input gradient, which guidance follows, is smooth; None keeps the architecture's own.
     """
 
     model_cfg: dict
@@ -84,6 +88,7 @@ class ModelConfig:
     tokenizer: dict = field(default_factory=lambda: {"type": "open_clip"})
     arch: str | None = None
     match_score: float | None = None
+    image_activation: str | None = None
 
     @classmethod
     def from_json(cls, obj: dict, source: str) -> "ModelConfig":
@@ -101,7 +106,11 @@ class ModelConfig:
         match_score = obj.get("match_score")
         if match_score is not None and not is_clip_score(match_score):
             raise CheckpointError(f"{source}: match_score must be a number in [0, 100], got {match_score!r}")
-        return cls(model_cfg, preprocess_cfg, tokenizer, obj.get("arch"), match_score)
+        activation = obj.get("image_activation")
+        if activation is not None and activation not in IMAGE_ACTIVATIONS:
+            raise CheckpointError(f"{source}: unknown image_activation {activation!r}; expected one of "
+                                  f"{', '.join(IMAGE_ACTIVATIONS)}")
+        return cls(model_cfg, preprocess_cfg, tokenizer, obj.get("arch"), match_score, activation)
 
     @classmethod
     def from_file(cls, path: Path) -> "ModelConfig":
@@ -139,6 +148,20 @@ def _build_open_clip(model_cfg: dict) -> nn.Module:
         raise CoreClipError("CoCa models are not supported: core_clip serves contrastive dual encoders")
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     return cls(**cfg)
+
+
+def replace_image_activation(clip: nn.Module, activation: str) -> None:
+    """Replace every ``nn.ReLU`` of ``clip.visual`` by a fresh ``IMAGE_ACTIVATIONS[activation]`` module, in place.
+    The weights stay as they are (GELU and SiLU are close to ReLU away from 0, so a trained tower keeps most of what
+    it knew). Raises CoreClipError for an unknown name or a tower without ReLUs (a ViT already uses GELU)."""
+    if activation not in IMAGE_ACTIVATIONS:
+        raise CoreClipError(f"unknown image activation {activation!r}; expected one of {', '.join(IMAGE_ACTIVATIONS)}")
+    found = [(parent, name) for parent in clip.visual.modules()
+             for name, child in parent.named_children() if isinstance(child, nn.ReLU)]
+    if not found:
+        raise CoreClipError(f"the image tower ({type(clip.visual).__name__}) has no ReLU to replace by {activation}")
+    for parent, name in found:
+        setattr(parent, name, IMAGE_ACTIVATIONS[activation]())
 
 
 class ClipModel(nn.Module):
@@ -275,7 +298,8 @@ class ClipModel(nn.Module):
         are written atomically. Returns the path to pass to :func:`load`.
         """
         path = Path(path)
-        config = {k: v for k, v in asdict(self.config).items() if v is not None or k not in ("arch", "match_score")}
+        config = {k: v for k, v in asdict(self.config).items()
+                  if v is not None or k not in ("arch", "match_score", "image_activation")}
         if path.suffix == ".safetensors":
             weights, config_path = path, path.with_suffix(".json")
         else:
@@ -413,6 +437,8 @@ def load(name: str, device: str | torch.device | None = None, precision: str = "
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = _build_open_clip(resolved.config.model_cfg)
+    if resolved.config.image_activation is not None:
+        replace_image_activation(clip, resolved.config.image_activation)
     if resolved.weights is None:
         log.warning("%s: no pretrained weights, the model is randomly initialised", name)
     else:

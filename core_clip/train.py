@@ -34,7 +34,7 @@ from .checkpoint import atomic_write, load_strict, read_state_dict, saved_settin
 from .data import Augment, Batch, batches_per_epoch, build_dataset, make_loader, positives
 from .errors import CheckpointError, CoreClipError, check_ranges
 from .loss import ClipLoss, SigLipLoss
-from .model import PRECISIONS, ClipModel, autocast, eval_mode, load
+from .model import IMAGE_ACTIVATIONS, PRECISIONS, ClipModel, autocast, eval_mode, load, replace_image_activation
 from .negatives import NegativeBuffer, NegativeConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -46,7 +46,7 @@ STATE = "state.pt"
 RESUME_INVARIANTS = ("data", "model", "batch_size", "accum_steps", "seed", "samples_per_epoch", "epochs", "augment",
                      "noise", "adv_eps", "adv_norm", "adv_steps", "adv_start", "negatives", "negative_steps",
                      "negative_start", "negative_own", "twins", "flaws", "align", "align_edits", "align_walk",
-                     "align_start")
+                     "align_start", "image_activation")
 
 
 @dataclass
@@ -105,6 +105,9 @@ class TrainConfig:
         "help": "most steps along the model's own gradient taken from a point between the pictures of an edit before "
                 "its gradient is trained (0: points on the straight way only)"})
     align_start: int = field(default=0, metadata={"help": "optimiser steps before gradient alignment starts"})
+    image_activation: str = field(default="", metadata={
+        "help": "replace the image tower's ReLUs by gelu or silu (a ResNet tower, e.g. when fine-tuning the shipped "
+                "model), so that its input gradient is smooth; saved in the model's config ('': keep them)"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
@@ -219,6 +222,9 @@ class Trainer:
         self.model = load(cfg.model, device=self.device, seed=cfg.seed)
         # a calibration belongs to the weights it was measured on: a fine-tuned model is calibrated anew
         self.model.config = replace(self.model.config, match_score=None)
+        if cfg.image_activation and cfg.image_activation != self.model.config.image_activation:
+            replace_image_activation(self.model.clip, cfg.image_activation)
+            self.model.config = replace(self.model.config, image_activation=cfg.image_activation)
         clip = self.model.clip
         if cfg.lock_image:
             clip.lock_image_tower()
@@ -293,6 +299,9 @@ class Trainer:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         if cfg.loss not in ("clip", "siglip"):
             raise TrainError(f"--loss must be clip or siglip, got {cfg.loss!r}")
+        if cfg.image_activation and cfg.image_activation not in IMAGE_ACTIVATIONS:
+            raise TrainError(f"--image-activation must be one of {', '.join(IMAGE_ACTIVATIONS)}, got "
+                             f"{cfg.image_activation!r}")
         if cfg.adv_norm not in ATTACK_NORMS:
             raise TrainError(f"--adv-norm must be {' or '.join(ATTACK_NORMS)}, got {cfg.adv_norm!r}")
 
@@ -523,8 +532,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> ClipModel:
-    """Run (or resume) training; returns the trained model, also saved as ``OUT/model.safetensors``."""
-    return Trainer(cfg).run()
+    """Run (or resume) training; returns the trained model in eval mode, as :func:`load` gives the copy saved as
+    ``OUT/model.safetensors``."""
+    return Trainer(cfg).run().eval()
 
 
 if __name__ == "__main__":  # torchrun ... -m core_clip.train ARGS: the same flags as `core-clip train`

@@ -1,4 +1,5 @@
 """Loading: names, paths, formats, strict keys, safe unpickling, offline behaviour; the embedding API."""
+import json
 import logging
 import os
 import time
@@ -182,3 +183,43 @@ def test_training_forward_gives_open_clip_features_and_gradients(tiny_model):
     assert ours.keys() == reference.keys()
     for name in ours:  # the same math on shorter sequences: fp32 sums differ only in order
         assert (ours[name] - reference[name]).norm() <= 1e-5 * reference[name].norm() + 1e-7, name
+
+
+def _count(module, kind):
+    return sum(isinstance(m, kind) for m in module.modules())
+
+
+def test_image_activation_replaces_every_relu_of_a_resnet_tower_and_round_trips(tmp_path):
+    relu = core_clip.load("shapes-rn", device="cpu")
+    path = relu.save(tmp_path / "rn.safetensors")
+    assert "image_activation" not in json.loads(path.with_suffix(".json").read_text())
+    config = json.loads(path.with_suffix(".json").read_text())
+    (tmp_path / "smooth.json").write_text(json.dumps({**config, "image_activation": "gelu"}))
+    (tmp_path / "smooth.safetensors").write_bytes(path.read_bytes())
+    smooth = core_clip.load(str(tmp_path / "smooth.safetensors"), device="cpu")
+
+    relus = _count(relu.clip.visual, torch.nn.ReLU)
+    assert relus > 0 and _count(smooth.clip.visual, torch.nn.ReLU) == 0
+    assert _count(smooth.clip.visual, torch.nn.GELU) == relus
+    seen = {}
+    smooth.clip.visual.act1.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    (image, text), (image_relu, text_relu) = _embeddings(smooth), _embeddings(relu)
+    assert torch.equal(seen["y"], F.gelu(seen["x"])) and (seen["x"] < 0).any()
+    assert torch.equal(text, text_relu) and not torch.allclose(image, image_relu, atol=1e-3)
+
+    again = core_clip.load(str(smooth.save(tmp_path / "again.safetensors")), device="cpu")
+    assert again.config.image_activation == "gelu"
+    assert torch.equal(_embeddings(again)[0], image)
+
+
+def test_bad_image_activations_are_clear_errors(tmp_path, tiny_model):
+    from core_clip.errors import CoreClipError
+    from core_clip.model import replace_image_activation
+
+    path = tiny_model.save(tmp_path / "m.safetensors")
+    config = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**config, "image_activation": "tanh"}))
+    with pytest.raises(CheckpointError, match="unknown image_activation 'tanh'"):
+        core_clip.load(str(path))
+    with pytest.raises(CoreClipError, match="has no ReLU to replace"):  # a ViT's MLPs are GELUs already
+        replace_image_activation(tiny_model.clip, "gelu")

@@ -244,3 +244,17 @@ def test_gradient_checkpointing_keeps_the_gradients_and_bf16_trains(tmp_path):
         assert (plain[name] - checkpointed[name]).norm() <= 1e-5 * plain[name].norm() + 1e-8, name
     loss, grads = _first_step_gradients(_cfg(tmp_path / "c", augment=False, precision="bf16"))
     assert 0 < loss < 10 and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_image_activation_fine_tunes_a_smooth_tower_and_saves_it(tmp_path):
+    model = train(_cfg(tmp_path, model="shapes-rn", image_activation="silu", max_steps=2, save_every=1))
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.clip.visual.modules())
+    saved = core_clip.load(str(tmp_path / "run" / "model.safetensors"), device="cpu")
+    assert saved.config.image_activation == "silu"
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.equal(saved.embed_images(images), model.embed_images(images))
+    train(_cfg(tmp_path, model="shapes-rn", image_activation="silu", max_steps=3, save_every=1, resume=True))
+    with pytest.raises(TrainError, match="differ from the saved run: image_activation"):
+        train(_cfg(tmp_path, model="shapes-rn", max_steps=4, resume=True))
+    with pytest.raises(TrainError, match="--image-activation must be one of gelu, silu, got 'tanh'"):
+        train(_cfg(tmp_path / "bad", model="shapes-rn", image_activation="tanh"))
