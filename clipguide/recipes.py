@@ -74,7 +74,8 @@ RECIPES.register("shapes/pixels")(Recipe(
 # of two palette colours, a random blob on a field, the pair CLIP rates highest for the prompt, every picture kept on
 # the blend of that pair; the diffusion prior up to 20% noise and the palette loss; the judge, which also scores each
 # picture purified, with a limit that about 89% of real pictures pass, and retries: 98% of them fully right (41 of
-# 42; 93% with the VQGAN shipped before), about 61 s per prompt on a 2-core CPU (README, "Quality today").
+# 42; all 42 on other draws; 93% with the VQGAN shipped before), 61-78 s per prompt on a 2-core CPU (README,
+# "Quality today").
 RECIPES.register("shapes/vqgan")(Recipe(
     steps=300,
     backend_options={"start": "blob", "palette": "shapes", "blend": True},
