@@ -9,7 +9,12 @@ Each row times the same sampling loop several ways: unguided (guidance scale 0, 
 with the exact gradient (back-propagated through the UNet and the VAE decoder), and guided with the cheap gradient
 (model output held fixed: no UNet backward), that one also with gradient checkpointing, with the guidance decoding x0
 at half its resolution (``decode_scale=0.5``) and, with --compile, with the guidance decode and CLIP compiled (CUDA
-graphs on CUDA). The ratio is guided / unguided.
+graphs on CUDA). The ratio is guided / unguided. The fastest guided row and the unguided one are then timed
+alternately --repeats times (a lent GPU's clock drifts: one ordering once read 1.38x, another 1.92x) and the median
+ratio printed. --profile then runs the unguided and the fastest guided row once
+more under torch.profiler and prints, per step, the time the GPU spent in kernels against the wall time and the
+kernels launched (on CPU: the aten ops), and how many CUDA graphs the compiled functions skipped: it tells a guided
+step's host overhead from its arithmetic.
 
     python benchmarks/diffusion_step.py --compile            # both, on CUDA when available
     python benchmarks/diffusion_step.py --only b --size 256 --steps 2 --device cpu
@@ -17,6 +22,7 @@ graphs on CUDA). The ratio is guided / unguided.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,20 +31,20 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from torch._dynamo.utils import counters
 
 import core_clip
 from clipguide import CLIPGuidance, Perceptor
 from clipguide.generators.diffusion import DiffusionGenerator, DiffusionModel, load_diffusion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guide_step import _peak_mib, _sync, parse_args  # noqa: E402  (same folder)
+from guide_step import _busy, _peak_mib, _sync, parse_args  # noqa: E402  (same folder)
 
 
-def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, steps: int, device: torch.device,
-                  compile: bool = False, **options) -> tuple[float, float]:
-    """ms per step and peak MiB of a ``steps``-step sampling run (after a 3-step warm-up run, which compiles).
-    Recurrence, candidates and polish are off and guidance runs to the end, so that every step is one model call,
-    guided or not."""
+def sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, device: torch.device, compile: bool = False,
+             **options) -> Callable[[int], None]:
+    """``run(n)``: an ``n``-step sampling run. Recurrence, candidates and polish are off and guidance runs to the end,
+    so that every step is one model call, guided or not."""
     def run(n: int) -> None:
         generator = torch.Generator(device).manual_seed(0)
         sampler = DiffusionGenerator(1, size, size, generator=generator, model=model, scheduler=None, recurrence=1,
@@ -47,6 +53,11 @@ def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, step
             sampler.compile_decode()
         sampler.sample(guidance, n, generator)
 
+    return run
+
+
+def time_sampling(run: Callable[[int], None], steps: int, device: torch.device) -> tuple[float, float]:
+    """ms per step and peak MiB of ``run(steps)``, after a 3-step warm-up run (which compiles and records)."""
     run(3)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -58,12 +69,17 @@ def time_sampling(model: DiffusionModel, guidance: CLIPGuidance, size: int, step
 
 
 def compare(label: str, model: DiffusionModel, make_guidance: Callable[[bool], CLIPGuidance], size: int, steps: int,
-            device: torch.device, scale: float, compile: bool = False) -> None:
+            device: torch.device, scale: float, compile: bool = False, repeats: int = 0,
+            profile: bool = False) -> None:
     """Unguided, then guided with the exact and the cheap gradient, the cheap one also with gradient checkpointing,
     with a half-resolution decode and (``compile``) compiled; ``make_guidance(compiled)`` builds the guidance (its
-    perceptor compiled or not)."""
+    perceptor compiled or not). Then the last (fastest) guided row and the unguided one timed alternately
+    ``repeats`` times, so that a drifting clock moves both sides; ``profile``: both once more under torch.profiler,
+    with the CUDA-graph skips counted."""
     guidance = make_guidance(False)
-    plain_ms, plain_mem = time_sampling(model, guidance, size, steps, device, scale=0.0)
+    unguided = sampling(model, guidance, size, device, scale=0.0)
+    plain_ms, plain_mem = time_sampling(unguided, steps, device)
+    pad = " " * len(label)
     print(f"{label}: unguided{'':{37}}{plain_ms:9.1f} ms/step (peak {plain_mem:7.0f} MiB)", flush=True)
     rows = [("exact", guidance, dict(through_unet=True)),
             ("cheap", guidance, dict(through_unet=False)),
@@ -75,9 +91,24 @@ def compare(label: str, model: DiffusionModel, make_guidance: Callable[[bool], C
                  ("cheap, compiled, decode 0.5", compiled_guidance,
                   dict(through_unet=False, compile=True, decode_scale=0.5))]
     for name, g, options in rows:
-        ms, mem = time_sampling(model, g, size, steps, device, scale=scale, **options)
-        print(f"{'':{len(label)}}  guided ({name}){'':{36 - len(name)}}{ms:9.1f} ms/step (peak {mem:7.0f} MiB) | "
+        run = sampling(model, g, size, device, scale=scale, **options)
+        ms, mem = time_sampling(run, steps, device)
+        print(f"{pad}  guided ({name}){'':{36 - len(name)}}{ms:9.1f} ms/step (peak {mem:7.0f} MiB) | "
               f"{ms / plain_ms:.2f}x the unguided step", flush=True)
+    if repeats:
+        pairs = [(time_sampling(unguided, steps, device)[0], time_sampling(run, steps, device)[0])
+                 for _ in range(repeats)]
+        ratios = sorted(b / a for a, b in pairs)
+        plain, guided = (statistics.median(ms) for ms in zip(*pairs))
+        print(f"{pad}  {repeats} alternating repeats, guided ({name}) / unguided: median "
+              f"{statistics.median(ratios):.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}x; unguided {plain:.1f} ms, "
+              f"guided {guided:.1f} ms)", flush=True)
+    if profile:
+        for side, fn in (("unguided", unguided), (f"guided ({name})", run)):
+            print(f"{pad}  profiled {side:<36}{_busy(lambda: fn(steps), device).per(steps)}", flush=True)
+        if compile and device.type == "cuda":
+            print(f"{pad}  CUDA graphs skipped by the compiled functions: {counters['inductor']['cudagraph_skips']}",
+                  flush=True)
 
 
 def sd15(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
@@ -102,6 +133,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["a", "b"])
     parser.add_argument("--size", type=int, default=512, help="image size of (b)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="then time the fastest guided row and the unguided one alternately this many times")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile the unguided and the fastest guided row: device-busy time and launches "
+                             "per step (ops per step on CPU)")
     args, device = parse_args(parser, steps=10)
     prompt = "a red circle on a blue background"
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -109,13 +145,13 @@ def main() -> None:
         clip = core_clip.load("shapes", device=device, precision=precision)
         compare("(a) shapes       32 px cutn 16", load_diffusion("shapes", device),
                 lambda compiled: CLIPGuidance(prompt, Perceptor(clip, compile=compiled), cutn=16), 32, args.steps,
-                device, scale=500.0, compile=args.compile)
+                device, scale=500.0, compile=args.compile, repeats=args.repeats, profile=args.profile)
     if args.only in (None, "b"):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         clip = core_clip.load("ViT-B-32", device=device, precision=precision)
         compare(f"(b) SD1.5-size {args.size:4d} px cutn 4 ", sd15(device, dtype),
                 lambda compiled: CLIPGuidance(prompt, Perceptor(clip, compile=compiled), cutn=4), args.size,
-                args.steps, device, scale=500.0, compile=args.compile)
+                args.steps, device, scale=500.0, compile=args.compile, repeats=args.repeats, profile=args.profile)
 
 
 if __name__ == "__main__":

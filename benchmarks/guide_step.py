@@ -20,6 +20,7 @@ import contextlib
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -128,6 +129,63 @@ def parse_args(parser: argparse.ArgumentParser, steps: int) -> tuple[argparse.Na
     if device.type == "cuda":
         _warm_up(device)
     return args, device
+
+
+@dataclass
+class Busy:
+    """What one profiled run did. On CUDA: ``device_ms`` in kernels and copies of ``wall_ms``, ``kernels`` run on the
+    device, ``launches`` (kernel and CUDA-graph launches) and ``syncs`` (the host waiting for the device) made by the
+    host. On CPU ``device_ms`` is None and ``kernels`` counts the aten ops outside other ops and compiled functions,
+    backward ones included (each at least one kernel launch on a GPU)."""
+
+    device_ms: float | None
+    wall_ms: float
+    kernels: int
+    launches: int = 0
+    syncs: int = 0
+
+    def per(self, steps: int) -> str:
+        """The figures per step, as one line."""
+        if self.device_ms is None:
+            return f"{self.wall_ms / steps:9.1f} ms wall, {self.kernels / steps:6.0f} ops per step"
+        return (f"device busy {self.device_ms / steps:7.1f} of {self.wall_ms / steps:7.1f} ms per step "
+                f"({100 * self.device_ms / self.wall_ms:3.0f}%); per step {self.kernels / steps:.0f} kernels, "
+                f"{self.launches / steps:.0f} launches, {self.syncs / steps:.1f} syncs")
+
+
+def _busy(fn: Callable[[], None], device: torch.device) -> Busy:
+    """Run ``fn()`` once under torch.profiler: a step whose kernels fill well under its wall time is bound by the host
+    launching them (fewer launches, such as one CUDA graph for many kernels, help there), one near 100% by the
+    device's arithmetic."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = 1000 * (time.perf_counter() - start)
+    events = prof.events()
+    if not cuda:
+        return Busy(None, wall, sum(e.name.startswith("aten::") and not _nested(e) for e in events))
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    runtime = [e.name.lower() for e in events if e.device_type == DeviceType.CPU and e.name.startswith("cu")]
+    return Busy(sum(e.self_device_time_total for e in kernels) / 1000, wall, len(kernels),
+                launches=sum("launch" in name for name in runtime),
+                syncs=sum("synchronize" in name for name in runtime))
+
+
+def _nested(event) -> bool:
+    """Whether a profiler event runs inside an aten op or a compiled function (so launches nothing of its own on a
+    GPU: the op's kernels, or a CUDA graph, count once). Backward ops sit under autograd nodes and so count."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::") or "Compiled" in parent.name:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def _warm_up(device: torch.device, seconds: float = 3.0) -> None:
