@@ -11,10 +11,9 @@ with the exact gradient (back-propagated through the UNet and the VAE decoder), 
 at half its resolution (``decode_scale=0.5``) and, with --compile, with the guidance decode and CLIP compiled (CUDA
 graphs on CUDA). The ratio is guided / unguided. The fastest guided row and the unguided one are then timed
 alternately --repeats times (a lent GPU's clock drifts: one ordering once read 1.38x, another 1.92x) and the median
-ratio printed. --profile then runs the unguided and the fastest guided row once
-more under torch.profiler and prints, per step, the time the GPU spent in kernels against the wall time and the
-kernels launched (on CPU: the aten ops), and how many CUDA graphs the compiled functions skipped: it tells a guided
-step's host overhead from its arithmetic.
+ratio printed. --profile then runs both once more under torch.profiler and prints, per step, the time the GPU spent
+in kernels against the wall time, the kernels, the host's launches and syncs (on CPU: the aten ops), and how many
+CUDA graphs the compiled functions skipped: it tells a guided step's host overhead from its arithmetic.
 
     python benchmarks/diffusion_step.py --compile            # both, on CUDA when available
     python benchmarks/diffusion_step.py --only b --size 256 --steps 2 --device cpu
@@ -139,6 +138,8 @@ def main() -> None:
                         help="then profile the unguided and the fastest guided row: device-busy time and launches "
                              "per step (ops per step on CPU)")
     args, device = parse_args(parser, steps=10)
+    if args.repeats < 0:
+        parser.error(f"--repeats must be >= 0, got {args.repeats}")
     prompt = "a red circle on a blue background"
     precision = "bf16" if device.type == "cuda" else "fp32"
     if args.only in (None, "a"):
