@@ -73,7 +73,7 @@ def _check_call(images: Tensor, cutn: int, generator: torch.Generator) -> None:
 
 
 def crop_resize(images: Tensor, boxes: Tensor, size: int, mirror: Tensor | None = None, *,
-                deterministic: bool | None = None) -> Tensor:
+                deterministic: bool | None = None, max_side: float | None = None) -> Tensor:
     """Square crops of ``images`` resized to ``size`` x ``size``, all in one bilinear resampling: one
     ``grid_sample`` call, or with ``deterministic`` (default: on CUDA, whose ``grid_sample`` backward uses atomic
     adds) :func:`clipguide.resample.resample`, whose gradient repeats bit for bit. Both compute the same function.
@@ -86,15 +86,22 @@ def crop_resize(images: Tensor, boxes: Tensor, size: int, mirror: Tensor | None 
     Crops at least 1.5x larger than ``size`` are sampled on a k x k sub-grid per output pixel (k = the largest side /
     size, rounded) and averaged, an area filter, so downscaling does not alias; milder downscales are plain bilinear,
     whose aliasing there is small and whose cost is a quarter of the 2 x 2 filter's.
+
+    max_side: the largest side the boxes can have, where the caller knows it (a cutout scheme knows its image); it
+    then sets k, and the sides are the caller's to keep positive. By default k comes from the boxes' largest side
+    and the sides are checked, which reads them back from the device: on a GPU, that waits for all queued work and
+    leaves the GPU idle while the host launches what follows.
     """
     _check_images("images", images)
     _check_count("size", size)
     batch, channels, height, width = images.shape
-    if boxes.dim() != 3 or boxes.shape[1:] != (batch, 3) or not bool((boxes[..., 2] > 0).all()):
+    if boxes.dim() != 3 or boxes.shape[1:] != (batch, 3) or (max_side is None and not bool((boxes[..., 2] > 0).all())):
         raise ClipguideError(f"boxes must be [cutn, {batch}, 3] (x0, y0, side > 0), got shape {list(boxes.shape)}")
+    if max_side is not None:
+        _check_number("crop_resize", "max_side", max_side, 0, math.inf, low_open=True, high_open=True)
     cutn = boxes.shape[0]
     x0, y0, side = boxes.to(images).flatten(0, 1).unbind(-1)                      # [cutn * B] each
-    k = max(1, round(side.max().item() / size))
+    k = max(1, round((side.max().item() if max_side is None else max_side) / size))
     fine = k * size
     # sample i of the fine grid sits at fraction (i + 0.5) / fine of the box; pixel centres are at integers
     frac = (torch.arange(fine, device=images.device, dtype=images.dtype) + 0.5) / fine
@@ -150,7 +157,7 @@ class ClassicCutouts:
 
     def __call__(self, images: Tensor, cutn: int, size: int, generator: torch.Generator) -> Tensor:
         """images float [B, 3, H, W] in [0, 1] -> [cutn * B, 3, size, size] in [0, 1], cut-major."""
-        return crop_resize(images, self.boxes(images, cutn, generator), size)
+        return crop_resize(images, self.boxes(images, cutn, generator), size, max_side=min(images.shape[-2:]))
 
 
 @CUTOUTS.register("pooled")
@@ -204,7 +211,7 @@ class DiscoCutouts:
         boxes = torch.cat([over, _random_squares(u[..., :3], height, width, self.min_size, self.inner_pow)])
         cut = torch.arange(cutn, device=images.device)
         mirror = ((cut < n_over) & (cut % 2 == 1))[:, None].expand(cutn, batch)
-        views = crop_resize(images, boxes, size, mirror)
+        views = crop_resize(images, boxes, size, mirror, max_side=side)
         grey = torch.cat([torch.zeros(n_over, batch, dtype=torch.bool, device=images.device), u[..., 3] < self.grey])
         grey = grey.flatten()
         return torch.where(grey[:, None, None, None], rgb_to_grayscale(views), views)

@@ -27,7 +27,7 @@ from core_clip.preprocess import as_image_batch, open_image
 
 from .cutouts import Augment, make_cutouts
 from .errors import ClipguideError
-from .losses import EMBEDDING_LOSSES, IMAGE_LOSSES, stop_below
+from .losses import EMBEDDING_LOSSES, IMAGE_LOSSES, stop_below, without_value_checks
 from .perceptor import ModelSpec, Perceptor
 from .prompts import Prompt, noise_target, parse_prompts
 
@@ -169,14 +169,18 @@ class CLIPGuidance:
         total = images.new_zeros(batch)
         signed = images.new_zeros(len(self.prompts), batch)
         member_weights = sum(m.weight for m in self.perceptor.members)
-        for index, member in enumerate(self.perceptor.members):
-            views = self.config.augment(self.cutouts(images, cutn, member.model.image_size, self.generator),
-                                        self.generator)
-            emb = self.perceptor.encode_views(index, views)                                     # [cutn * B, D]
-            dist = torch.stack([self.distance(emb, t[None]).view(cutn, batch).mean(0) for t in self.targets[index]])
-            s = sign * dist                                                                     # [P, B]
-            total = total + member.weight * (self.weights.abs()[:, None] * stop_below(s, self.stops[:, None])).sum(0)
-            signed = signed + member.weight * s.detach() / member_weights
+        # CLIP embeddings, unit targets and parsed stops need no value checks, each a host sync on a GPU
+        with without_value_checks():
+            for index, member in enumerate(self.perceptor.members):
+                views = self.config.augment(self.cutouts(images, cutn, member.model.image_size, self.generator),
+                                            self.generator)
+                emb = self.perceptor.encode_views(index, views)                                 # [cutn * B, D]
+                dist = torch.stack([self.distance(emb, t[None]).view(cutn, batch).mean(0)
+                                    for t in self.targets[index]])
+                s = sign * dist                                                                 # [P, B]
+                switched = stop_below(s, self.stops[:, None])
+                total = total + member.weight * (self.weights.abs()[:, None] * switched).sum(0)
+                signed = signed + member.weight * s.detach() / member_weights
         terms = {"prompts": signed}
         for name, (fn, weight) in self.regularisers.items():
             value = fn(images)

@@ -11,10 +11,16 @@ other::
 
     @EMBEDDING_LOSSES.register("dot")
     def dot(image_emb: Tensor, target_emb: Tensor) -> Tensor: ...
+
+Inputs are checked. The checks that read tensor values (an all-zero embedding, a NaN stop) copy a flag from the
+device to the host, which on a GPU waits for all queued work and then leaves the GPU idle while the host launches
+what follows; :func:`without_value_checks` turns them off for inputs that are valid by construction.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +29,28 @@ from torch import Tensor
 from .errors import ClipguideError
 from .registry import Registry
 
-__all__ = ["EMBEDDING_LOSSES", "IMAGE_LOSSES", "EmbeddingLoss", "ImageLoss", "stop_below"]
+__all__ = ["EMBEDDING_LOSSES", "IMAGE_LOSSES", "EmbeddingLoss", "ImageLoss", "stop_below", "without_value_checks"]
 
 EmbeddingLoss = Callable[[Tensor, Tensor], Tensor]
 ImageLoss = Callable[[Tensor], Tensor]
 
 EMBEDDING_LOSSES: Registry[EmbeddingLoss] = Registry("embedding loss")
 IMAGE_LOSSES: Registry[ImageLoss] = Registry("image loss")
+
+_VALUE_CHECKS: ContextVar[bool] = ContextVar("clipguide_loss_value_checks", default=True)
+
+
+@contextmanager
+def without_value_checks() -> Iterator[None]:
+    """Inside the block, the losses and :func:`stop_below` skip the checks that read tensor values (all-zero
+    embeddings, NaN stops); type and shape checks stay. For callers whose inputs are valid by construction, such as
+    :class:`clipguide.CLIPGuidance` (CLIP embeddings, unit targets, stops checked when the prompts were parsed) in
+    a sampler's inner loop. The switch is a ContextVar, so other threads and tasks keep their checks."""
+    token = _VALUE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
 
 
 def _unit_pair(image_emb: Tensor, target_emb: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,7 +67,7 @@ def _unit_pair(image_emb: Tensor, target_emb: Tensor) -> tuple[Tensor, Tensor]:
             f"target_emb must be [{n}, {d}], [1, {d}] or [{d}] to match image_emb [{n}, {d}], "
             f"got {list(target_emb.shape)}"
         )
-    for name, emb in (("image_emb", image_emb), ("target_emb", target_emb)):
+    for name, emb in (("image_emb", image_emb), ("target_emb", target_emb)) if _VALUE_CHECKS.get() else ():
         if bool((emb == 0).all(dim=-1).any()):
             raise ClipguideError(f"{name} holds an all-zero vector, which has no direction")
     return F.normalize(image_emb, dim=-1), F.normalize(target_emb, dim=-1)
@@ -227,6 +248,6 @@ def stop_below(loss: Tensor, stop: float | Tensor) -> Tensor:
         broadcasts = False
     if not broadcasts:
         raise ClipguideError(f"stop {list(stop.shape)} does not broadcast to loss {list(loss.shape)}")
-    if bool(stop.isnan().any()):
+    if _VALUE_CHECKS.get() and bool(stop.isnan().any()):
         raise ClipguideError("stop is NaN; use -inf to keep the gradient always on")
     return torch.where(loss > stop, loss, loss.detach())

@@ -1,5 +1,6 @@
 """Cutout schemes and Augment: layout, references, gradients, determinism and argument errors."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from clipguide.cutouts import (
 )
 from clipguide.errors import ClipguideError, UnknownNameError
 from clipguide.resample import resample
+
+from .conftest import HostReads
 
 SCHEMES = CUTOUTS.names()
 COLOURS = torch.tensor([[0.2, 0.5, 0.8], [0.9, 0.1, 0.4]])
@@ -124,7 +127,22 @@ def test_classic_cuts_are_the_drawn_boxes():
     scheme = ClassicCutouts(cut_pow=2.0)
     boxes = scheme.boxes(images, 4, gen(16))
     assert boxes.shape == (4, 2, 3)
-    torch.testing.assert_close(scheme(images, 4, 10, gen(16)), crop_resize(images, boxes, 10))
+    # the scheme sizes the resampling filter for the largest crop it can draw, the image's shorter side
+    torch.testing.assert_close(scheme(images, 4, 10, gen(16)), crop_resize(images, boxes, 10, max_side=15))
+
+
+def test_crop_resize_max_side_sets_the_filter_size_without_reading_the_boxes():
+    images = torch.rand(1, 3, 20, 24, generator=gen(18), dtype=torch.float64)
+    boxes = torch.tensor([[[0.0, 4.0, 8.0]], [[3.0, 1.0, 12.0]]], dtype=torch.float64)
+    read = crop_resize(images, boxes, 4)                      # largest side 12: a 3 x 3 filter
+    torch.testing.assert_close(crop_resize(images, boxes, 4, max_side=13.0), read)
+    assert not torch.allclose(crop_resize(images, boxes, 4, max_side=16.0), read)   # a 4 x 4 filter
+    with HostReads() as reads:
+        crop_resize(images, boxes, 4, max_side=16.0)
+    assert reads.sites == []
+    for bad in (0, -1.0, math.nan, "12"):
+        with pytest.raises(ClipguideError, match="max_side must be a number"):
+            crop_resize(images, boxes, 4, max_side=bad)
 
 
 @pytest.mark.parametrize("cut_pow", [1.0, 3.0])

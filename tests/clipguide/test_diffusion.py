@@ -15,7 +15,7 @@ from clipguide.diffusion import (DiffusionGuidanceConfig, GuidedForward, alpha_b
                                  output_correction, predict_x0, renoise)
 from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel, _x0_images, load_diffusion
 
-from .conftest import tiny_latent_model, tiny_unet
+from .conftest import HostReads, tiny_latent_model, tiny_unet
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 
@@ -246,6 +246,20 @@ def test_one_guided_step_lowers_the_clip_loss_of_x0(perceptor, through_unet):
         before = make().loss((predict_x0(plain, x, a, "epsilon") + 1).div(2).clamp(0, 1))
         after = make().loss((predict_x0(guided, x, a, "epsilon") + 1).div(2).clamp(0, 1))
     assert after < before
+
+
+@pytest.mark.parametrize("cutouts", ["classic", "disco"])
+def test_a_guided_call_reads_values_back_only_for_the_timestep_and_the_finite_check(perceptor, cutouts):
+    # On a GPU each read waits for all queued work. One after the UNet call is queued would leave the GPU idle while
+    # the host launches the cutouts, CLIP, loss and backward: the two here come before it and after the backward.
+    unet, scheduler = tiny_unet()
+    guidance = CLIPGuidance("a red circle on a blue background:1:0.1 | blurry:-0.5", perceptor, cutn=4,
+                            cutouts=cutouts)
+    wrapper = GuidedForward(unet.forward, scheduler, guidance, decoder_for(None), DiffusionGuidanceConfig(end=1.0))
+    x = torch.randn(2, 3, 16, 16, generator=gen(3))
+    with torch.no_grad(), HostReads() as reads:
+        wrapper(x, 500)
+    assert reads.sites == [("diffusion.py", "guided_at"), ("diffusion.py", "__call__")]
 
 
 def test_guidance_window_skips_steps_outside_it():
