@@ -136,7 +136,8 @@ class ClassicCutouts:
 
     Each cut's side is ``min_side + (max_side - min_side) * u ** cut_pow`` (u uniform in [0, 1), max_side the image's
     shorter side, min_side = min_size * max_side; cut_pow > 1 favours small crops), at a uniformly random position
-    inside the image. Unlike the notebook, sides and offsets are not rounded to whole pixels.
+    inside the image. Unlike the notebook, sides and offsets are not rounded to whole pixels. The resampling filter
+    is sized for the largest crop the scheme can draw (the shorter side), so no crop size is read back from the device.
 
     The default ``min_size`` of 0.8 keeps the whole subject of a small picture in view; the notebooks never crop below
     the CLIP's input size, which on their 400-600 px canvases is about 0.4-0.55 of the side.

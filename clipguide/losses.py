@@ -67,9 +67,10 @@ def _unit_pair(image_emb: Tensor, target_emb: Tensor) -> tuple[Tensor, Tensor]:
             f"target_emb must be [{n}, {d}], [1, {d}] or [{d}] to match image_emb [{n}, {d}], "
             f"got {list(target_emb.shape)}"
         )
-    for name, emb in (("image_emb", image_emb), ("target_emb", target_emb)) if _VALUE_CHECKS.get() else ():
-        if bool((emb == 0).all(dim=-1).any()):
-            raise ClipguideError(f"{name} holds an all-zero vector, which has no direction")
+    if _VALUE_CHECKS.get():
+        for name, emb in (("image_emb", image_emb), ("target_emb", target_emb)):
+            if bool((emb == 0).all(dim=-1).any()):
+                raise ClipguideError(f"{name} holds an all-zero vector, which has no direction")
     return F.normalize(image_emb, dim=-1), F.normalize(target_emb, dim=-1)
 
 
