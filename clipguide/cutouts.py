@@ -21,6 +21,8 @@ from kornia.geometry.conversions import convert_affinematrix_to_homography
 from kornia.geometry.transform import get_perspective_transform, get_rotation_matrix2d, warp_perspective
 from torch import Tensor
 
+from core_clip.constants import constant
+
 from .errors import ClipguideError
 from .resample import PADDING_MODES, resample
 from .registry import Registry
@@ -208,7 +210,8 @@ class DiscoCutouts:
         n_over = math.floor(self.overview * cutn + 0.5)
         u = torch.rand(cutn - n_over, batch, 4, generator=generator, device=images.device, dtype=images.dtype)
         side = max(height, width)
-        over = images.new_tensor([(width - side) / 2, (height - side) / 2, side]).expand(n_over, batch, 3)
+        over = constant(((width - side) / 2, (height - side) / 2, side), images.device, images.dtype)
+        over = over.expand(n_over, batch, 3)
         boxes = torch.cat([over, _random_squares(u[..., :3], height, width, self.min_size, self.inner_pow)])
         cut = torch.arange(cutn, device=images.device)
         mirror = ((cut < n_over) & (cut % 2 == 1))[:, None].expand(cutn, batch)
@@ -350,24 +353,23 @@ class Augment:
             return warp_perspective(views, self._warp_matrix(params, height, width), (height, width),
                                     padding_mode=self.padding_mode)
         # kornia's warp samples the source at M^-1 (x, y) in pixel coordinates, centres at integers
-        extent = params.scale.new_tensor([width, height])
-        centre = (extent - 1) / 2
-        offset = centre + params.shift * extent                                       # [N, 2]: where the centre goes
         def source(axis: int, length: int) -> Tensor:
+            centre = (length - 1) / 2
+            offset = centre + params.shift[:, axis, None] * length                    # [N, 1]: where the centre goes
             out = torch.arange(length, device=views.device, dtype=views.dtype)
-            return ((out - offset[:, axis, None]) / params.scale[:, None] + centre[axis])[..., None]
+            return ((out - offset) / params.scale[:, None] + centre)[..., None]
         return resample(views, source(0, width), source(1, height), self.padding_mode, align_corners=True)
 
     def _warp_matrix(self, params: AugmentParams, height: int, width: int) -> Tensor:
         """[N, 3, 3] homography in pixel coordinates: rotate and scale about the centre, shift, then perspective."""
         n = params.angle.shape[0]
-        extent = params.angle.new_tensor([width, height])
+        extent = constant((width, height), params.angle.device, params.angle.dtype)
         centre = ((extent - 1) / 2).expand(n, 2)
         affine = get_rotation_matrix2d(centre, params.angle, params.scale[:, None].expand(n, 2))
         affine = torch.cat([affine[..., :2], affine[..., 2:] + (params.shift * extent)[..., None]], dim=-1)
         matrix = convert_affinematrix_to_homography(affine)
         if self.perspective > 0:
-            corners = params.angle.new_tensor([[0, 0], [1, 0], [1, 1], [0, 1]]) * (extent - 1)
+            corners = constant(((0, 0), (1, 0), (1, 1), (0, 1)), extent.device, extent.dtype) * (extent - 1)
             corners = corners.expand(n, 4, 2)
             matrix = get_perspective_transform(corners, corners + params.corners * extent) @ matrix
         return matrix

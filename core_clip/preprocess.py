@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .constants import constant
 from .errors import CoreClipError, ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -121,8 +122,7 @@ class Preprocess:
         return x
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean, std = (constant(v, x.device, x.dtype).view(1, 3, 1, 1) for v in (self.mean, self.std))
         return (x - mean) / std
 
     def __call__(self, images: Images) -> torch.Tensor:

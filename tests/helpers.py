@@ -1,12 +1,15 @@
-"""Test fixtures built offline: random Hugging Face CLIP checkpoints with real OpenAI-BPE tokenizer files."""
+"""Test helpers: random Hugging Face CLIP checkpoints with real OpenAI-BPE tokenizer files, built offline, and a
+recorder of the ops that would sync a GPU."""
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
 # Small enough for fast tests, with distinct widths per tower and several heads. It uses exact GELU and the
@@ -131,3 +134,28 @@ def torchmetrics_clip(folder: str | os.PathLike):
 def pooled_features(out) -> torch.Tensor:
     """The projected features from ``get_*_features``: a tensor (transformers 4) or ``.pooler_output`` (5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make a GPU's host wait for all queued work: reading tensor values back (``.item()``,
+    ``float(t)`` and ``bool(t)`` are ``_local_scalar_dense``; ``nonzero``, ``equal``, ``masked_select``, ``unique``)
+    and making a tensor from host data (``torch.tensor(list)``, ``new_tensor``: ``lift_fresh``, which a GPU receives
+    by a blocking copy). ``sites`` lists, per op, (file name, function) of the innermost clipguide or core_clip
+    frame that asked for it. Moves of existing tensors (``.to(device)``, ``.cpu()``, ``.tolist()``) are not seen:
+    on the CPU they are no-ops."""
+
+    OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2",
+           "unique_consecutive", "unique_dim", "lift_fresh", "lift_fresh_copy"}
+    PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("clipguide", "core_clip"))
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            frame = sys._getframe(1)
+            while frame is not None and not frame.f_code.co_filename.startswith(self.PACKAGES):
+                frame = frame.f_back
+            self.sites.append((Path(frame.f_code.co_filename).name, frame.f_code.co_name) if frame else ("?", "?"))
+        return func(*args, **(kwargs or {}))

@@ -1,10 +1,6 @@
 """Fixtures for clipguide: a frozen random CLIP of ShapesWorld size (guidance freezes the models it is given)."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import core_clip
 from clipguide import Perceptor
@@ -96,25 +92,3 @@ def crash_and_resume(tmp_path, monkeypatch):
         return tmp_path / "straight", tmp_path / "resumed"
     return run
 
-
-class HostReads(TorchDispatchMode):
-    """Records the ops that read tensor values back to the host: ``.item()``, ``float(t)`` and ``bool(t)``
-    (``_local_scalar_dense``), ``nonzero``, ``equal``, ``masked_select``, ``unique``. On a GPU each one waits for all
-    queued work. ``sites`` lists, per read, (file name, function) of the innermost clipguide frame that asked for it.
-    Device-to-host copies (``.cpu()``, ``.tolist()``) are not seen."""
-
-    OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2",
-           "unique_consecutive", "unique_dim"}
-    PACKAGE = str(Path(__file__).resolve().parents[2] / "clipguide")
-
-    def __init__(self):
-        super().__init__()
-        self.sites: list[tuple[str, str]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.OPS:
-            frame = sys._getframe(1)
-            while frame is not None and not frame.f_code.co_filename.startswith(self.PACKAGE):
-                frame = frame.f_back
-            self.sites.append((Path(frame.f_code.co_filename).name, frame.f_code.co_name) if frame else ("?", "?"))
-        return func(*args, **(kwargs or {}))

@@ -13,7 +13,7 @@ from clipguide.cutouts import (
 from clipguide.errors import ClipguideError, UnknownNameError
 from clipguide.resample import resample
 
-from .conftest import HostReads
+from tests.helpers import HostSyncs
 
 SCHEMES = CUTOUTS.names()
 COLOURS = torch.tensor([[0.2, 0.5, 0.8], [0.9, 0.1, 0.4]])
@@ -137,9 +137,9 @@ def test_crop_resize_max_side_sets_the_filter_size_without_reading_the_boxes():
     read = crop_resize(images, boxes, 4)                      # largest side 12: a 3 x 3 filter
     torch.testing.assert_close(crop_resize(images, boxes, 4, max_side=13.0), read)
     assert not torch.allclose(crop_resize(images, boxes, 4, max_side=16.0), read)   # a 4 x 4 filter
-    with HostReads() as reads:
+    with HostSyncs() as syncs:
         crop_resize(images, boxes, 4, max_side=16.0)
-    assert reads.sites == []
+    assert syncs.sites == []
     for bad in (0, -1.0, math.nan, "12"):
         with pytest.raises(ClipguideError, match="max_side must be a number"):
             crop_resize(images, boxes, 4, max_side=bad)

@@ -11,11 +11,14 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
                        UNet2DConditionModel)
 
 from clipguide import CLIPGuidance, ClipguideError, guide
+from clipguide.cutouts import Augment
 from clipguide.diffusion import (DiffusionGuidanceConfig, GuidedForward, alpha_bar, attach, decoder_for,
                                  output_correction, predict_x0, renoise)
 from clipguide.generators.diffusion import SCHEDULERS, DiffusionGenerator, DiffusionModel, _x0_images, load_diffusion
 
-from .conftest import HostReads, tiny_latent_model, tiny_unet
+from tests.helpers import HostSyncs
+
+from .conftest import tiny_latent_model, tiny_unet
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 
@@ -249,17 +252,20 @@ def test_one_guided_step_lowers_the_clip_loss_of_x0(perceptor, through_unet):
 
 
 @pytest.mark.parametrize("cutouts", ["classic", "disco"])
-def test_a_guided_call_reads_values_back_only_for_the_timestep_and_the_finite_check(perceptor, cutouts):
-    # On a GPU each read waits for all queued work. One after the UNet call is queued would leave the GPU idle while
-    # the host launches the cutouts, CLIP, loss and backward: the two here come before it and after the backward.
+def test_a_guided_call_syncs_only_to_read_the_timestep_and_check_the_gradient(perceptor, cutouts):
+    # On a GPU each sync makes the host wait for all queued work. One after the UNet call is queued would leave the
+    # GPU idle while the host launches the cutouts, CLIP, loss and backward: the two here come before and after.
     unet, scheduler = tiny_unet()
     guidance = CLIPGuidance("a red circle on a blue background:1:0.1 | blurry:-0.5", perceptor, cutn=4,
-                            cutouts=cutouts)
+                            cutouts=cutouts, augment=Augment(shift=0.05, scale=(0.9, 1.05), rotate=10.0,
+                                                              perspective=0.1, noise=0.03))
     wrapper = GuidedForward(unet.forward, scheduler, guidance, decoder_for(None), DiffusionGuidanceConfig(end=1.0))
-    x = torch.randn(2, 3, 16, 16, generator=gen(3))
-    with torch.no_grad(), HostReads() as reads:
-        wrapper(x, 500)
-    assert reads.sites == [("diffusion.py", "guided_at"), ("diffusion.py", "__call__")]
+    x, t = torch.randn(2, 3, 16, 16, generator=gen(3)), torch.tensor(500)   # samplers pass tensor timesteps
+    with torch.no_grad():
+        wrapper(x, t)   # the first call makes the constants it reuses
+        with HostSyncs() as syncs:
+            wrapper(x, t)
+    assert syncs.sites == [("diffusion.py", "guided_at"), ("diffusion.py", "__call__")]
 
 
 def test_guidance_window_skips_steps_outside_it():

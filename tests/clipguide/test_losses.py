@@ -8,7 +8,7 @@ import torch
 from clipguide.errors import ClipguideError, UnknownNameError
 from clipguide.losses import EMBEDDING_LOSSES, IMAGE_LOSSES, frame_width, stop_below, without_value_checks
 
-from .conftest import HostReads
+from tests.helpers import HostSyncs
 
 spherical = EMBEDDING_LOSSES.get("spherical")
 cosine = EMBEDDING_LOSSES.get("cosine")
@@ -311,7 +311,7 @@ def test_stop_below_bad_input(loss, stop, match: str) -> None:
 
 def test_without_value_checks_skips_only_the_checks_that_read_values_and_only_in_its_own_thread() -> None:
     zero_row, stop = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0.0, math.nan])
-    with without_value_checks(), HostReads() as reads:
+    with without_value_checks(), HostSyncs() as syncs:
         distance = cosine(zero_row, torch.ones(2))
         switched = stop_below(torch.ones(2), stop)
         with pytest.raises(ClipguideError, match="image_emb must be"):   # shapes are still checked
@@ -320,7 +320,7 @@ def test_without_value_checks_skips_only_the_checks_that_read_values_and_only_in
         thread = threading.Thread(target=lambda: in_thread.append(_raises(stop_below, torch.ones(2), stop)))
         thread.start()
         thread.join()
-    assert reads.sites == []
+    assert syncs.sites == []
     # the zero row normalises to zero, at cosine distance 1; the switch passes values through
     torch.testing.assert_close(distance, torch.tensor([1 - 2 ** -0.5, 1.0]))
     assert torch.equal(switched, torch.ones(2))
