@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Small enough for fast tests, with distinct widths per tower and several heads. It uses exact GELU and the
 # current special token ids (eos 49407: HF pools at the first eos), ViT-B-32 the other variants of both.

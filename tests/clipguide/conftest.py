@@ -91,4 +91,3 @@ def crash_and_resume(tmp_path, monkeypatch):
         module.train(config_cls(out=str(tmp_path / "resumed"), resume=True, **config))
         return tmp_path / "straight", tmp_path / "resumed"
     return run
-
