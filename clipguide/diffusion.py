@@ -110,13 +110,17 @@ def check_scheduler(scheduler: Any) -> str:
 
 
 def alpha_bar(alphas_cumprod: torch.Tensor, timestep: Any, batch: int) -> torch.Tensor:
-    """alpha_bar at ``timestep`` (a number, or a tensor with 1 or ``batch`` elements) as float32 [batch, 1, 1, 1].
+    """alpha_bar at ``timestep`` (a number, or a tensor with 1 or ``batch`` elements) as float32 [batch, 1, 1, 1],
+    on the device of the table ``alphas_cumprod`` [T].
 
     Fractional timesteps (Euler-family schedulers) are interpolated linearly in sigma = sqrt((1 - a) / a), as those
     schedulers do, so integer timesteps read the table exactly.
     """
     table = alphas_cumprod.float()
-    t = torch.as_tensor(timestep, dtype=torch.float32).to(table.device).reshape(-1)
+    if isinstance(timestep, torch.Tensor):
+        t = timestep.to(table.device, torch.float32).reshape(-1)
+    else:   # a fill on the table's device, not a copy from the host (which would wait for a GPU's queued work)
+        t = torch.full((1,), float(timestep), device=table.device)
     if t.numel() == 1:
         t = t.expand(batch)
     elif t.numel() != batch:
@@ -241,6 +245,10 @@ class GuidedForward:
     x0 of ``uncond + w * (cond - uncond)``, and the same correction is added to both halves. After each guided call,
     ``last_images`` holds the decoded x0 [B, 3, H, W] (at ``decode_scale`` of full size) and ``last_terms`` the
     guidance's per-image loss terms.
+
+    A call reads the timestep back to the host once, to check it against the guidance window; a sampling loop that
+    knows each step's timestep on the host decides with :meth:`guided_at` itself and calls :meth:`steer`, which
+    reads nothing back until the gradient's finiteness check at its end.
     """
 
     def __init__(self, forward: Callable, scheduler: Any, guidance: CLIPGuidance,
@@ -255,21 +263,35 @@ class GuidedForward:
         self.cfg_scale = cfg_scale
         self.last_images: Optional[torch.Tensor] = None
         self.last_terms: Optional[dict] = None
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def alpha_bar(self, timestep: Any, batch: int, device: torch.device) -> torch.Tensor:
+        """:func:`alpha_bar` [batch, 1, 1, 1] on ``device``, from a copy of the noise table kept there, so that a
+        timestep on the device never goes to the host and back."""
+        device = torch.device(device)
+        if device not in self._tables:
+            self._tables[device] = self.alphas_cumprod.to(device)
+        return alpha_bar(self._tables[device], timestep, batch)
 
     def guided_at(self, timestep: Any) -> bool:
-        """Whether a call at ``timestep`` is steered (scale > 0 and inside the [start, end] window)."""
+        """Whether a call at ``timestep`` (a number, or a tensor whose first element is read) is steered (scale > 0
+        and inside the [start, end] window)."""
         if self.config.scale == 0:
             return False
-        t = float(torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)[0])
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         progress = 1 - t / (len(self.alphas_cumprod) - 1)
         return self.config.start <= progress <= self.config.end
 
     def __call__(self, sample: torch.Tensor, timestep: Any, *args, **kwargs) -> Any:
         if not self.guided_at(timestep):
             return self.forward(sample, timestep, *args, **kwargs)
+        return self.steer(sample, timestep, *args, **kwargs)
+
+    def steer(self, sample: torch.Tensor, timestep: Any, *args, **kwargs) -> Any:
+        """The UNet's output at (``sample``, ``timestep``) corrected by the CLIP guidance, whatever the window."""
         w = self.cfg_scale()
         half = len(sample) // 2 if w is not None else 0
-        a = alpha_bar(self.alphas_cumprod, timestep, len(sample)).to(sample.device)
+        a = self.alpha_bar(timestep, len(sample), sample.device)
         x = sample.detach().requires_grad_(self.config.through_unet)
         with torch.set_grad_enabled(self.config.through_unet):
             out = self.forward(x, timestep, *args, **kwargs)

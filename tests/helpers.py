@@ -3,6 +3,7 @@ recorder of the ops that would sync a GPU."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import sys
@@ -140,13 +141,14 @@ class HostSyncs(TorchDispatchMode):
     """Records the ops that make a GPU's host wait for all queued work: reading tensor values back (``.item()``,
     ``float(t)`` and ``bool(t)`` are ``_local_scalar_dense``; ``nonzero``, ``equal``, ``masked_select``, ``unique``)
     and making a tensor from host data (``torch.tensor(list)``, ``new_tensor``: ``lift_fresh``, which a GPU receives
-    by a blocking copy). ``sites`` lists, per op, (file name, function) of the innermost clipguide or core_clip
-    frame that asked for it. Moves of existing tensors (``.to(device)``, ``.cpu()``, ``.tolist()``) are not seen:
-    on the CPU they are no-ops."""
+    by a blocking copy). ``sites`` lists, per op, (file name, function) of the innermost clipguide, core_clip or
+    diffusers frame that asked for it (diffusers' schedulers read their timesteps back). Moves of existing tensors
+    (``.to(device)``, ``.cpu()``, ``.tolist()``) are not seen: on the CPU they are no-ops."""
 
     OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2",
            "unique_consecutive", "unique_dim", "lift_fresh", "lift_fresh_copy"}
-    PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("clipguide", "core_clip"))
+    PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("clipguide", "core_clip")) + (
+        importlib.util.find_spec("diffusers").submodule_search_locations[0],)
 
     def __init__(self):
         super().__init__()

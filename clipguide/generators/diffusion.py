@@ -204,7 +204,7 @@ def _finalists(finalists: Optional[int], candidates: int) -> int:
 def _x0_images(guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any, decode) -> torch.Tensor:
     """The x0 estimates of model output ``out`` at input ``x_t`` [B, C, h, w], decoded to images [B, 3, H, W] in
     [0, 1]."""
-    a = alpha_bar(guided.alphas_cumprod, t, len(out)).to(out.device)
+    a = guided.alpha_bar(t, len(out), out.device)
     return decode(predict_x0(out.float(), x_t.float(), a, guided.prediction_type)).clamp(0, 1)
 
 
@@ -387,7 +387,7 @@ class DiffusionGenerator(nn.Module):
         hidden = torch.cat([per_row(m.uncond), per_row(m.cond)]) if cfg else per_row(m.cond)
         return {"encoder_hidden_states": hidden.to(self.device, dtype)}
 
-    def _selection_step(self, guided: GuidedForward, timesteps: torch.Tensor) -> Optional[int]:
+    def _selection_step(self, guided: GuidedForward, timesteps: list[float]) -> Optional[int]:
         """Index of the step after which each image keeps its best candidate (None: no candidates). Candidates are
         judged by the guidance, so some step up to there must be guided; the default quietly does without."""
         if self.candidates == 1:
@@ -401,7 +401,7 @@ class DiffusionGenerator(nn.Module):
                              f"{self.select_at}, but no step up to there is guided (guidance start "
                              f"{self.config.start})")
 
-    def _screening_step(self, select: Optional[int], timesteps: torch.Tensor) -> Optional[int]:
+    def _screening_step(self, select: Optional[int], timesteps: list[float]) -> Optional[int]:
         """Index of the step after which the screened candidates are cut to ``candidates`` (None: no screening).
         It comes before the selection step; a default screen goes with the candidates, and so goes quietly when
         they do."""
@@ -467,9 +467,10 @@ class DiffusionGenerator(nn.Module):
             timesteps = timesteps[skip * order:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(skip * order)
-        select = self._selection_step(guided, timesteps)
+        values = timesteps.tolist()   # the loop's decisions read these: no read-back from the device per step
+        select = self._selection_step(guided, values)
         k = 1 if select is None else self.candidates
-        screen_step = self._screening_step(select, timesteps)
+        screen_step = self._screening_step(select, values)
         if screen_step is not None:
             k = self.screen
         generators = self._generators(k)
@@ -491,21 +492,21 @@ class DiffusionGenerator(nn.Module):
         recur_below = self.recurrence_below * scheduler.config.num_train_timesteps
         done = 0
         loss = None   # the guidance loss [rows] of the latest guided step, cut along with the rows
-        for i, t in enumerate(timesteps):
+        for i, (t, value) in enumerate(zip(timesteps, values)):
             screening = screen_step is not None and i <= screen_step
-            forward = m.unet if screening else guided
-            recurs = i + 1 < len(timesteps) and (t < recur_below or (not screening and guided.guided_at(t)))
+            steered = not screening and guided.guided_at(value)
+            forward = guided.steer if steered else m.unet
+            recurs = i + 1 < len(timesteps) and (value < recur_below or steered)
             repeats = self.recurrence if recurs else 1
             if repeats > 1:
-                a_t, a_next = (alpha_bar(scheduler.alphas_cumprod, s, len(latents)).to(self.device)
-                               for s in (t, timesteps[i + 1]))
+                a_t, a_next = (guided.alpha_bar(s, len(latents), self.device) for s in (t, timesteps[i + 1]))
             for r in range(repeats):
                 if r:
                     latents = renoise(latents, a_t, a_next, self._noise(generators, sample_shape))
                 x_in = scheduler.scale_model_input(latents, t).to(dtype)
                 out = self._output(forward, x_in, t, kwargs, cfg)
                 latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
-            if forward is guided and guided.guided_at(t):
+            if steered:
                 loss = guided.last_terms["total"]
             if i == screen_step:   # the preview below reads out and x_in, so they are cut too
                 keep = self._judged_rows(guided.guidance, _x0_images(guided, out, x_in, t, decode), k,
@@ -519,7 +520,7 @@ class DiffusionGenerator(nn.Module):
                 generators, kwargs = self._keep(keep, generators, k, cfg, dtype, step_kwargs)
             best = self._lowest_rows(loss, k, 1, len(latents)) if k > 1 else slice(None)
             if callback is not None:
-                images, losses = self._preview(guided, out[best], x_in[best], t, decode)
+                images, losses = self._preview(guided, out[best], x_in[best], t, steered, decode)
             # second-order schedulers (Heun, KDPM2) call the model twice per step: report completed steps only
             if getattr(scheduler, "state_in_first_order", True) or i == len(timesteps) - 1:
                 done += 1
@@ -553,10 +554,10 @@ class DiffusionGenerator(nn.Module):
         return total / self.polish
 
     @torch.no_grad()
-    def _preview(self, guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any,
+    def _preview(self, guided: GuidedForward, out: torch.Tensor, x_t: torch.Tensor, t: Any, steered: bool,
                  decode) -> tuple[torch.Tensor, dict]:
         """The corrected output's x0 decoded [B, 3, H, W], and the guidance losses of this step (NaN when unguided)."""
         images = _x0_images(guided, out, x_t, t, decode)
-        if guided.guided_at(t) and guided.last_terms is not None:
+        if steered:
             return images, guided.guidance.summary(guided.last_terms)
         return images, {"total": float("nan")}

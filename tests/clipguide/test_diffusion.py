@@ -265,7 +265,26 @@ def test_a_guided_call_syncs_only_to_read_the_timestep_and_check_the_gradient(pe
         wrapper(x, t)   # the first call makes the constants it reuses
         with HostSyncs() as syncs:
             wrapper(x, t)
-    assert syncs.sites == [("diffusion.py", "guided_at"), ("diffusion.py", "__call__")]
+    assert syncs.sites == [("diffusion.py", "guided_at"), ("diffusion.py", "steer")]
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_the_sampling_loop_leaves_the_reads_to_the_scheduler(perceptor, scheduler):
+    # The loop decides from its timesteps read back once before it starts, and keeps alpha_bar on the device; what
+    # syncs is each guided call's gradient check and diffusers' scheduler (DDPM's and DDIM's steps index their host
+    # tables by the device timestep), which an unguided step pays too.
+    model = tiny_latent_model()
+    guidance = CLIPGuidance("a red circle", perceptor, cutn=2)
+    make = lambda scale: DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scheduler=scheduler,
+                                            scale=scale, end=1.0, recurrence=2, recurrence_below=1.0, candidates=1,
+                                            polish=0)
+    for scale, guided_calls in ((0.0, 0), (100.0, 2 * 3 + 1)):   # every step but the last taken twice
+        make(scale).sample(guidance, 4, gen())
+        sampler = make(scale)
+        with HostSyncs() as syncs:
+            sampler.sample(guidance, 4, gen())
+        ours = [site for site in syncs.sites if not site[0].startswith("scheduling_")]
+        assert ours == [("diffusion.py", "steer")] * guided_calls and len(syncs.sites) > len(ours)
 
 
 def test_guidance_window_skips_steps_outside_it():
