@@ -22,7 +22,7 @@ from core_clip.startup import paused_gc
 
 from ..compiling import compiled
 from ..diffusion import (DiffusionGuidanceConfig, GuidedForward, check_scheduler, decoder_for, enable_checkpointing,
-                         encoder_for, pipeline_vae, predict_x0, alpha_bar, renoise)
+                         encoder_for, pipeline_vae, predict_x0, renoise)
 from ..errors import ClipguideError
 from ..guidance import CLIPGuidance
 from ..registry import Registry
@@ -528,7 +528,7 @@ class DiffusionGenerator(nn.Module):
                     callback(done, losses, images)
         with torch.no_grad():
             if self.polish:
-                latents = self._polish(latents, generators, guided.prediction_type, dtype, kwargs, cfg)
+                latents = self._polish(latents, generators, guided, dtype, kwargs, cfg)
             images = decode(latents.float()).clamp(0, 1)
             if k > 1:   # each image's finalist whose finished picture has the lowest guidance loss
                 images = images[self._judged_rows(guided.guidance, images, k, 1)]
@@ -541,16 +541,17 @@ class DiffusionGenerator(nn.Module):
         out = forward(torch.cat([x_in, x_in]), t, **kwargs).sample.float()
         return out[:len(x_in)] + self.model.cfg_scale * (out[len(x_in):] - out[:len(x_in)])
 
-    def _polish(self, x0: torch.Tensor, generators: list[torch.Generator], prediction_type: str,
+    def _polish(self, x0: torch.Tensor, generators: list[torch.Generator], guided: GuidedForward,
                 dtype: torch.dtype, kwargs: dict, cfg: bool) -> torch.Tensor:
         """The mean of the model's x0 estimates of ``self.polish`` noisy copies of ``x0`` at ``polish_at``."""
-        table = self.model.scheduler.alphas_cumprod
-        t = torch.tensor(int(self.polish_at * len(table)), device=self.device)
-        a = alpha_bar(table, t, len(x0)).to(self.device)
+        step = int(self.polish_at * len(guided.alphas_cumprod))
+        t = torch.full((), step, device=self.device)   # a fill, not a blocking copy from the host
+        a = guided.alpha_bar(step, len(x0), self.device)
         total = torch.zeros_like(x0)
         for _ in range(self.polish):
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * self._noise(generators, x0.shape[1:])
-            total += predict_x0(self._output(self.model.unet, x_t.to(dtype), t, kwargs, cfg), x_t, a, prediction_type)
+            out = self._output(self.model.unet, x_t.to(dtype), t, kwargs, cfg)
+            total += predict_x0(out, x_t, a, guided.prediction_type)
         return total / self.polish
 
     @torch.no_grad()

@@ -270,14 +270,14 @@ def test_a_guided_call_syncs_only_to_read_the_timestep_and_check_the_gradient(pe
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
 def test_the_sampling_loop_leaves_the_reads_to_the_scheduler(perceptor, scheduler):
-    # The loop decides from its timesteps read back once before it starts, and keeps alpha_bar on the device; what
-    # syncs is each guided call's gradient check and diffusers' scheduler (DDPM's and DDIM's steps index their host
-    # tables by the device timestep), which an unguided step pays too.
+    # The loop decides from its timesteps read back once before it starts, and keeps alpha_bar and the polish's
+    # timestep on the device; what syncs is each guided call's gradient check and diffusers' scheduler (DDPM's and
+    # DDIM's steps index their host tables by the device timestep), which an unguided step pays too.
     model = tiny_latent_model()
     guidance = CLIPGuidance("a red circle", perceptor, cutn=2)
     make = lambda scale: DiffusionGenerator(1, 16, 16, generator=gen(), model=model, scheduler=scheduler,
                                             scale=scale, end=1.0, recurrence=2, recurrence_below=1.0, candidates=1,
-                                            polish=0)
+                                            polish=2)
     for scale, guided_calls in ((0.0, 0), (100.0, 2 * 3 + 1)):   # every step but the last taken twice
         make(scale).sample(guidance, 4, gen())
         sampler = make(scale)
