@@ -278,8 +278,7 @@ class GuidedForward:
         and inside the [start, end] window)."""
         if self.config.scale == 0:
             return False
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        progress = 1 - t / (len(self.alphas_cumprod) - 1)
+        progress = 1 - _first_value(timestep) / (len(self.alphas_cumprod) - 1)
         return self.config.start <= progress <= self.config.end
 
     def __call__(self, sample: torch.Tensor, timestep: Any, *args, **kwargs) -> Any:
@@ -314,8 +313,7 @@ class GuidedForward:
         elif half:
             grad = grad[:half] + grad[half:]   # both halves are the same latents: total derivative
         if not torch.isfinite(grad).all():
-            step = float(torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)[0])
-            raise GuidanceError(f"CLIP guidance gradient is not finite at timestep {step:g}")
+            raise GuidanceError(f"CLIP guidance gradient is not finite at timestep {_first_value(timestep):g}")
         g = -self.config.scale * grad
         if self.config.grad_clamp is not None:
             g = _rms_clamped(g, self.config.grad_clamp)
@@ -327,6 +325,11 @@ class GuidedForward:
         self.last_images = images.detach()
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         return _with_sample(out, (pred.detach().float() + delta).to(pred.dtype))
+
+
+def _first_value(timestep: Any) -> float:
+    """A timestep (a number, or a tensor whose first element is taken) as a host float: a tensor's is read back."""
+    return float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
 
 
 # ------------------------------------------------------------------------------------------------------- attach

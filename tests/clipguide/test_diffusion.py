@@ -10,7 +10,7 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 
-from clipguide import CLIPGuidance, ClipguideError, guide
+from clipguide import CLIPGuidance, ClipguideError, GuidanceError, guide
 from clipguide.cutouts import Augment
 from clipguide.diffusion import (DiffusionGuidanceConfig, GuidedForward, alpha_bar, attach, decoder_for,
                                  output_correction, predict_x0, renoise)
@@ -265,7 +265,17 @@ def test_a_guided_call_syncs_only_to_read_the_timestep_and_check_the_gradient(pe
         wrapper(x, t)   # the first call makes the constants it reuses
         with HostSyncs() as syncs:
             wrapper(x, t)
-    assert syncs.sites == [("diffusion.py", "guided_at"), ("diffusion.py", "steer")]
+    assert syncs.sites == [("diffusion.py", "_first_value"), ("diffusion.py", "steer")]   # window, gradient
+
+
+@pytest.mark.parametrize("timestep", [torch.tensor([500, 500]), 500])
+def test_a_non_finite_gradient_is_an_error_naming_the_timestep(perceptor, timestep):
+    unet, scheduler = tiny_unet()
+    nan_decode = lambda x0: decoder_for(None)(x0) * math.nan   # every pixel NaN: so is the gradient
+    wrapper = GuidedForward(unet.forward, scheduler, CLIPGuidance("a red circle", perceptor, cutn=2), nan_decode,
+                            DiffusionGuidanceConfig(end=1.0))
+    with torch.no_grad(), pytest.raises(GuidanceError, match="not finite at timestep 500$"):
+        wrapper(torch.randn(2, 3, 16, 16, generator=gen(3)), timestep)
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
