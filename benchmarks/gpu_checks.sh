@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure the benchmarks print, in priority order, each under its own time limit and all inside one
 # deadline (a lent GPU's time is short). Logs go to $OUT (default gpu-logs/). Carried wheels in .whl/ are installed
-# first when present (the device image has torch but not open_clip, diffusers, taming or kornia). Fetch them with
+# first when present (the device image has torch but not open_clip, diffusers, taming or kornia; .whl/ is git-ignored,
+# so name it in the device run's carry). Fetch them with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 diffusers==0.42.1 kornia==0.9.0 \
 #       kornia_rs==0.2.0 ftfy==6.3.1 wcwidth importlib_metadata taming-transformers-rom1504==0.0.6 omegaconf==2.4.0
